@@ -1,4 +1,4 @@
-"""Reading LLaVA-style conversation files and their images, with errors that name file, line and field.
+"""Reading and writing LLaVA-style conversation files and their images, with errors that name file, line and field.
 
 Used by the data_prep validators and by the training dataset, so both judge a record the same way.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterator
 
 from PIL import Image, UnidentifiedImageError
@@ -18,18 +19,26 @@ class RecordFileError(ValueError):
     """A conversation file that cannot be read at all (not one bad record: the whole file)."""
 
 
+def position_kind(path: str | os.PathLike) -> str:
+    """What the position yielded by `iter_records` counts: "line" (JSONL) or "index" (1-based, JSON array)."""
+    return "line" if os.fspath(path).endswith(".jsonl") else "index"
+
+
 def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, str | None]]:
     """Yield (line_or_index, record, error) for a .json (array) or .jsonl file.
 
     JSONL is streamed line by line; a malformed line yields (line_no, None, "malformed JSON: ...") instead of
-    aborting, so callers count it. A .json file must hold one array; records are numbered from 1.
+    aborting, so callers count it. A .json file must hold one array; records are numbered from 1. The array is
+    streamed too (LLaVA-665K's JSON is 1 GB); a malformed array cannot be resynchronised, so it raises
+    RecordFileError naming the line, after yielding the records before it.
     Blank JSONL lines are skipped. A record that is not an object yields an error too.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise RecordFileError(f"{path}: no such file")
     if path.endswith(".jsonl"):
-        with open(path, "r", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (written by some Windows tools) would otherwise break line 1.
+        with open(path, "r", encoding="utf-8-sig") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -43,18 +52,94 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
                     continue
                 yield line_no, rec, None
         return
-    with open(path, "r", encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise RecordFileError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(data, list):
-        raise RecordFileError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
-    for idx, rec in enumerate(data, start=1):
-        if not isinstance(rec, dict):
-            yield idx, None, f"record is a {type(rec).__name__}, not an object"
+    with open(path, "r", encoding="utf-8-sig") as f:
+        for idx, rec in enumerate(_JsonArrayStream(f, path), start=1):
+            if not isinstance(rec, dict):
+                yield idx, None, f"record is a {type(rec).__name__}, not an object"
+            else:
+                yield idx, rec, None
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class _JsonArrayStream:
+    """Iterate over the elements of a top-level JSON array without loading the file.
+
+    Written by hand because the standard library has no incremental parser and ijson is not a dependency:
+    the buffer is refilled in 1 MiB reads and each element is parsed with `JSONDecoder.raw_decode`.
+    """
+
+    READ_SIZE = 1 << 20
+    MAX_RECORD_CHARS = 64 << 20  # beyond this, a record that still does not parse is malformed, not cut
+
+    def __init__(self, f, path: str):
+        self.f, self.path = f, path
+        self.buf, self.i, self.eof = "", 0, False
+        self.line_base = 1  # line number of buf[0]
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.f.read(self.READ_SIZE)
+        if not chunk:
+            self.eof = True
+            return False
+        self.line_base += self.buf.count("\n", 0, self.i)
+        self.buf, self.i = self.buf[self.i :] + chunk, 0
+        return True
+
+    def _peek(self) -> str:
+        """The next non-whitespace character ("" at end of file), without consuming it."""
+        while True:
+            self.i = _WHITESPACE.match(self.buf, self.i).end()
+            if self.i < len(self.buf):
+                return self.buf[self.i]
+            if not self._more():
+                return ""
+
+    def _error(self, msg: str, pos: int | None = None) -> RecordFileError:
+        line = self.line_base + self.buf.count("\n", 0, self.i if pos is None else pos)
+        return RecordFileError(f"{self.path}: {msg} at line {line}")
+
+    def _decode(self):
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.i)
+            except json.JSONDecodeError as e:
+                # Either the element is cut by the buffer's end (read more) or it is malformed.
+                if len(self.buf) - self.i > self.MAX_RECORD_CHARS or not self._more():
+                    raise self._error(f"malformed JSON ({e.msg})", e.pos) from None
+                continue
+            if end == len(self.buf) and self._more():
+                continue  # a bare number may have been cut at the buffer's end: parse again with more text
+            self.i = end
+            return obj
+
+    def __iter__(self):
+        first = self._peek()
+        if first != "[":
+            kind = {"": "an empty file", "{": "an object"}.get(first, f"{first!r}")
+            hint = " (one record per line belongs in a .jsonl file)" if first == "{" else ""
+            raise self._error(f"expected a JSON array of records, got {kind}{hint}")
+        self.i += 1
+        if self._peek() == "]":
+            self.i += 1
         else:
-            yield idx, rec, None
+            while True:
+                yield self._decode()
+                sep = self._peek()
+                self.i += 1
+                if sep == "]":
+                    break
+                if sep != ",":
+                    got = repr(sep) if sep else "end of file"
+                    raise self._error(f"malformed JSON (expected ',' or ']' after a record, got {got})")
+                if self._peek() == "":
+                    raise self._error("malformed JSON (file ends inside the array)")
+        if self._peek() != "":
+            raise self._error("malformed JSON (text after the closing ']')")
 
 
 def load_records(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -66,6 +151,74 @@ def load_records(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, s
         else:
             bad.append((line_no, err))
     return good, bad
+
+
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def iter_source(source: str, split: str = "train") -> Iterator[tuple[int, dict | None, str | None]]:
+    """Like `iter_records`, for a local .json/.jsonl file or a Hugging Face hub data set named owner/name.
+
+    Hub data sets are read through `datasets.load_dataset(source, split=split)`; rows are numbered from 1.
+    """
+    if os.path.exists(source):
+        yield from iter_records(source)
+        return
+    if not _HUB_NAME.fullmatch(source):
+        raise RecordFileError(f"{source}: no such file, and not a hub data set name of the form owner/name")
+    from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import
+
+    try:
+        rows = load_dataset(source, split=split)
+    except Exception as e:  # network, authentication, unknown name or split: all end the run the same way
+        raise RecordFileError(f"cannot load hub data set {source!r} split {split!r}: {type(e).__name__}: {e}") from e
+    for idx, row in enumerate(rows, start=1):
+        yield idx, dict(row), None
+
+
+class RecordWriter:
+    """Write records to .jsonl (one per line) or .json (an array, one record per line), atomically.
+
+    Records go to PATH.tmp, renamed to PATH when the `with` block ends without an exception (removed
+    otherwise), so an interrupted run never leaves a half-written file that looks complete, and the output
+    may be the input file itself.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.as_array = not self.path.endswith(".jsonl")
+        self.count = 0
+        self._tmp = self.path + ".tmp"
+        self._f = None
+
+    def __enter__(self) -> "RecordWriter":
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._f = open(self._tmp, "w", encoding="utf-8")
+        if self.as_array:
+            self._f.write("[")
+        return self
+
+    def write(self, record: dict) -> None:
+        self.write_line(json.dumps(record, ensure_ascii=False))
+
+    def write_line(self, text: str) -> None:
+        """Write one record already serialised as single-line JSON."""
+        if self.as_array:
+            self._f.write(",\n" if self.count else "\n")
+        self._f.write(text)
+        if not self.as_array:
+            self._f.write("\n")
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if self.as_array:
+                self._f.write("\n]\n" if self.count else "]\n")
+            self._f.close()
+            os.replace(self._tmp, self.path)
+        else:
+            self._f.close()
+            os.remove(self._tmp)
 
 
 def resolve_image_path(image: str, image_folder: str | os.PathLike | None) -> str:

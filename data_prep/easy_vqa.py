@@ -1,0 +1,41 @@
+"""Convert the easy-VQA package (PyPI `easy-vqa`) to LLaVA conversation JSONL and eval question files.
+
+    python data_prep/easy_vqa.py --output data/easyvqa [--split-by attribute] [--seed 0] [--max-train N] [--max-eval N]
+
+Writes, under --output: images/{train,test}/<id>.png, train_<family>.jsonl, test_<family>.jsonl,
+image_labels.jsonl and summary.json (counts per family and category, skipped records). Families for
+--split-by attribute (default): old = colour questions, new = shape questions; see milora_vlm/demo/easyvqa.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Run as a script, this file's folder comes first on sys.path, where this file would shadow the `easy_vqa`
+# package it reads; drop the folder (nothing here is imported from it).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+from milora_vlm.demo.easyvqa import SPLITS, convert, format_summary  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", required=True, help="output folder")
+    ap.add_argument("--split-by", default="attribute", choices=sorted(SPLITS),
+                    help="task families: attribute (old=colour, new=shape), question-type (old=open, new=yes/no), none")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --max-train / --max-eval subsets")
+    ap.add_argument("--max-train", type=int, default=None, help="at most this many training questions per family")
+    ap.add_argument("--max-eval", type=int, default=None, help="at most this many test questions per family")
+    ap.add_argument("--no-copy-images", action="store_true", help="do not copy the images (they are already there)")
+    args = ap.parse_args(argv)
+    summary = convert(args.output, args.split_by, args.seed, args.max_train, args.max_eval,
+                      copy_images=not args.no_copy_images)
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The training set: LLaVA conversation JSON / JSONL, read once into a compact index, tokenised lazily.
+
+Each record is kept as its JSON text (one string per record: cheap to share with forked dataloader workers) and
+turned into tokens, labels and pixels in `__getitem__` through the project's one masking routine,
+`milora_vlm.data.templates.encode_conversation`. A record that cannot be trained on (SkipSample: no answer left
+after truncation, image cut by truncation, missing or corrupt image, bad roles, ...) is never trained as all
+-100: the dataset moves on to the next record and returns, with the sample it did use, a `SkipRecord` for each
+record it passed over (file:line, id, reason, detail). The collator forwards them in the batch and the trainer
+counts them (milora_vlm.train.skips), so the counts survive dataloader worker processes and add up across ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from .records import iter_records, load_image, position_kind, resolve_image_path
+from .templates import HUMAN_ROLES, IMAGE_PLACEHOLDER, SkipSample, encode_conversation, get_template
+
+logger = logging.getLogger(__name__)
+
+# How many records in a row may be skipped before the data is judged unusable (a clear error, not a silent loop).
+MAX_CONSECUTIVE_SKIPS = 64
+
+
+@dataclass(frozen=True)
+class SkipRecord:
+    """One record that was not trained on, and why."""
+
+    reason: str  # stable key for counting (SkipSample.reason)
+    detail: str
+    where: str  # "file:line 12" / "file:index 3"
+    record_id: Optional[str] = None
+
+    def describe(self) -> str:
+        rid = f" (id {self.record_id})" if self.record_id is not None else ""
+        return f"{self.where}{rid}: {self.reason}: {self.detail}"
+
+
+def with_image_placeholder(conversations: list) -> list:
+    """LLaVA's repair for an image record whose text has no `<image>`: prepend "<image>\\n" to the first human turn."""
+    if any(isinstance(t, dict) and IMAGE_PLACEHOLDER in str(t.get("value", "")) for t in conversations):
+        return conversations
+    out = [dict(t) if isinstance(t, dict) else t for t in conversations]
+    for turn in out:
+        if isinstance(turn, dict) and str(turn.get("from", "")).lower() in HUMAN_ROLES:
+            turn["value"] = f"{IMAGE_PLACEHOLDER}\n{turn.get('value', '')}"
+            break
+    return out
+
+
+class ConversationDataset(Dataset):
+    """Tokenised LLaVA conversations (text-only records mixed in freely).
+
+    For a text-only model leave image_processor None: a record with an image is then skipped ("image_without_vision_model").
+    `lengths` holds LLaVA's cheap length estimate per record (words + image tokens), negative for text-only records,
+    for the modality-grouped sampler.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer,
+        template: str,
+        max_length: int,
+        image_folder: Optional[str] = None,
+        image_processor=None,
+        image_token_id: Optional[int] = None,
+        num_image_tokens: int = 0,
+        image_aspect_ratio: str = "pad",
+    ):
+        self.path = os.fspath(path)
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_length = max_length
+        self.image_folder = image_folder
+        self.image_processor = image_processor
+        self.image_token_id = image_token_id
+        self.num_image_tokens = num_image_tokens
+        self.image_aspect_ratio = image_aspect_ratio
+        self._kind = position_kind(self.path)
+        self._raw: list[str] = []
+        self._pos: list[int] = []
+        self.lengths: list[int] = []
+        # Records that could not even be parsed (counted once, at load time).
+        self.load_skips: list[SkipRecord] = []
+        for pos, rec, err in iter_records(self.path):
+            if err is not None:
+                self.load_skips.append(SkipRecord("malformed_record", err, self._where(pos)))
+                continue
+            self._raw.append(json.dumps(rec, ensure_ascii=False))
+            self._pos.append(pos)
+            self.lengths.append(self._estimate_length(rec))
+        if not self._raw:
+            raise ValueError(f"{self.path}: no readable records ({len(self.load_skips)} malformed)")
+        for s in self.load_skips[:5]:
+            logger.warning("skipping unreadable record %s", s.describe())
+
+    def _where(self, pos: int) -> str:
+        return f"{self.path}:{self._kind} {pos}"
+
+    def _estimate_length(self, rec: dict) -> int:
+        """LLaVA's estimate: words of all turns (+ image tokens); negative marks a text-only record."""
+        convs = rec.get("conversations")
+        words = sum(len(str(t.get("value", "")).split()) for t in convs if isinstance(t, dict)) if isinstance(convs, list) else 0
+        words = max(words, 1)
+        return words + self.num_image_tokens if rec.get("image") is not None else -words
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, i: int) -> dict:
+        skipped: list[SkipRecord] = []
+        n = len(self._raw)
+        for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
+            j = (i + attempt) % n
+            rec = json.loads(self._raw[j])
+            try:
+                sample = self.encode(rec)
+            except SkipSample as e:
+                rid = rec.get("id")
+                skipped.append(SkipRecord(e.reason, e.detail, self._where(self._pos[j]), None if rid is None else str(rid)))
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(
+            f"{self.path}: {len(skipped)} records in a row from {skipped[0].where} could not be trained on; "
+            f"first: {skipped[0].describe()}; last: {skipped[-1].describe()}. Check the data (data_prep/llava_instruct.py "
+            "reports every bad record)."
+        )
+
+    def encode(self, rec: dict) -> dict:
+        """input_ids, labels (IGNORE_INDEX outside answers) and, for an image record, pixel_values [3, H, W].
+
+        Raises SkipSample naming the field for anything that cannot be trained on.
+        """
+        convs = rec.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise SkipSample("bad_conversations", "field 'conversations' is missing or not a non-empty list")
+        image = rec.get("image")
+        if image is not None:
+            if self.image_processor is None:
+                raise SkipSample("image_without_vision_model", f"field 'image' = {image!r} but the model has no vision tower")
+            if not isinstance(image, str) or not image:
+                raise SkipSample("bad_image_field", f"field 'image' must be one path string, got {type(image).__name__}")
+            convs = with_image_placeholder(convs)
+        enc = encode_conversation(
+            self.tokenizer,
+            self.template,
+            convs,
+            image_token_id=self.image_token_id if image is not None else None,
+            num_image_tokens=self.num_image_tokens if image is not None else 0,
+            max_length=self.max_length,
+        )
+        if image is not None and enc.num_images != 1:
+            raise SkipSample("image_placeholder_count", f"{enc.num_images} '<image>' placeholders for one image")
+        out = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long), "labels": torch.tensor(enc.labels, dtype=torch.long)}
+        if image is not None:
+            from .images import process_images  # the eval engineer's pad/resize code, shared with generation
+
+            img = load_image(resolve_image_path(image, self.image_folder))
+            out["pixel_values"] = process_images([img], self.image_processor, self.image_aspect_ratio)[0]
+        return out

@@ -1,0 +1,128 @@
+"""Export a trained MiLoRA adapter to formats that need no milora_vlm to run.
+
+- merged: a full checkpoint of the model's own class with W' = W + s (B A - B0 A0), computed in fp32 from the
+  *original* W and cast once (also for subtract-mode adapters, whose W_res was rounded); modules_to_save (e.g. the
+  LLaVA projector) take their trained values; the tokenizer / processor is copied along.
+- lora: a plain PEFT LoRA of rank 2r, A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha (so alpha'/r' = s), that
+  vanilla `PeftModel.from_pretrained` (or vLLM) loads onto the original, unmodified base. modules_to_save
+  tensors are kept; PEFT's own PiSSA-to-LoRA conversion drops them, which is why this is done here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+from .milora.persist import load_milora, read_init_factors, read_milora_meta
+
+logger = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMATS = ("merged", "lora")
+
+
+def load_base_model(path: str | os.PathLike, dtype: str | torch.dtype = "auto"):
+    """The base checkpoint in the class its config names (LlavaForConditionalGeneration, LlamaForCausalLM, ...)."""
+    config = AutoConfig.from_pretrained(path)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        logger.warning("%s names no known architecture (%r); loading it as AutoModelForCausalLM", path, arch)
+        cls = AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=dtype)
+
+
+def copy_processor(base: str | os.PathLike, output_dir: str | os.PathLike) -> str:
+    """Save the base's processor (LLaVA) or tokenizer (causal LM) next to the exported weights."""
+    base = Path(base)
+    if (base / "processor_config.json").exists() or (base / "preprocessor_config.json").exists():
+        AutoProcessor.from_pretrained(base).save_pretrained(output_dir)
+        return "processor"
+    if (base / "tokenizer_config.json").exists():
+        AutoTokenizer.from_pretrained(base).save_pretrained(output_dir)
+        return "tokenizer"
+    logger.warning("no tokenizer or processor found in %s; the export has weights only", base)
+    return "none"
+
+
+def export_merged(adapter_dir: str | os.PathLike, base: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write a merged full checkpoint to output_dir; plain `from_pretrained` of the base's class loads it."""
+    model = load_base_model(base)
+    # Offset form on the original W: merging then gives W + s (B A - B0 A0) via MiLoRAOffsetVariant.merge_safe
+    # (fp32, one cast) for either residual mode.
+    peft_model = load_milora(model, adapter_dir, residual="offset")
+    merged = peft_model.merge_and_unload(safe_merge=True)
+    merged.save_pretrained(output_dir)
+    copy_processor(base, output_dir)
+    logger.info("merged checkpoint written to %s", output_dir)
+    return Path(output_dir)
+
+
+def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write the rank-2r plain LoRA adapter (A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha) to output_dir."""
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    meta = read_milora_meta(adapter_dir)
+    lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    if lora_cfg.rank_pattern or lora_cfg.alpha_pattern or lora_cfg.use_rslora:
+        raise ValueError(f"{adapter_dir}: rank_pattern / alpha_pattern / rslora adapters are not MiLoRA's; cannot export")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+
+    if meta["milora"]["init"] == "lora":  # B0 A0 = 0: the adapter already is a plain LoRA
+        shutil.copyfile(adapter_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
+        lora_cfg.save_pretrained(str(output_dir))
+        return output_dir
+
+    factors = read_init_factors(adapter_dir, meta["targets"])
+    out: dict[str, torch.Tensor] = {}
+    done = set()
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            suffix = f".{part}.weight"
+            if key.endswith(suffix) and key.startswith(PEFT_PREFIX):
+                name = key[len(PEFT_PREFIX) : -len(suffix)]
+                if name not in factors:
+                    raise KeyError(f"{adapter_dir}: adapter tensor {key} has no initial factors for '{name}'")
+                A0, B0 = factors[name]
+                if part == "lora_A":
+                    out[key] = torch.cat([value.float(), A0.float()], dim=0).contiguous()
+                else:
+                    out[key] = torch.cat([value.float(), -B0.float()], dim=1).contiguous()
+                done.add((name, part))
+                break
+        else:
+            out[key] = value  # modules_to_save tensors (projector, ...) and anything else PEFT saved
+    missing = [n for n in factors for p in ("lora_A", "lora_B") if (n, p) not in done]
+    if missing:
+        raise KeyError(f"{adapter_dir}: {ADAPTER_WEIGHTS} lacks lora_A/lora_B for {sorted(set(missing))[:3]}...")
+
+    lora_cfg.r = 2 * lora_cfg.r
+    lora_cfg.lora_alpha = 2 * lora_cfg.lora_alpha
+    lora_cfg.init_lora_weights = True
+    lora_cfg.save_pretrained(str(output_dir))
+    save_file(out, str(output_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (output_dir / "README.md").write_text(
+        "Plain PEFT LoRA exported from a MiLoRA adapter (rank 2r: A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha).\n"
+        f"Load it onto the original base model with peft.PeftModel.from_pretrained. Source: {adapter_dir}\n"
+    )
+    logger.info("rank-%d LoRA adapter written to %s", lora_cfg.r, output_dir)
+    return output_dir
+
+
+def export_adapter(adapter_dir, base, to: str, output_dir) -> Path:
+    if to == "merged":
+        if base is None:
+            raise ValueError("--to merged needs --base (the original base checkpoint the adapter was trained on)")
+        return export_merged(adapter_dir, base, output_dir)
+    if to == "lora":
+        return export_lora(adapter_dir, output_dir)
+    raise ValueError(f"--to {to!r}: choose one of {FORMATS}")

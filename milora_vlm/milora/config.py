@@ -1,0 +1,104 @@
+"""MiLoRAConfig: the adapter settings, checked on construction so that bad values fail before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .decompose import METHODS
+
+INITS = ("minor", "principal", "middle", "random", "lora")
+RESIDUALS = ("offset", "subtract")
+
+
+@dataclass
+class MiLoRAConfig:
+    """Settings of a MiLoRA adapter (PEFT LoRA layers whose A, B start from selected singular triplets of W).
+
+    r, lora_alpha: LoRA rank and alpha; the adapter adds (lora_alpha / r) * B @ A. The paper uses alpha = r for
+      MiLoRA (its table: commonsense r 32, math r 64, visual r 128 / alpha 256 for LoRA).
+    target_modules: module names (suffix match, PEFT's rule) or one regex string matched against full names,
+      e.g. r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)" for LLaVA.
+    init: "minor" (MiLoRA), "principal" (PiSSA), "middle", "random" (seeded) or "lora" (PEFT's default:
+      Kaiming A, zero B; nothing to decompose).
+    residual: "offset" (W untouched, the layer computes W x + s (B A - B0 A0) x with B0, A0 frozen: bit-exact
+      at step 0 in any dtype) or "subtract" (the paper's W_res = W - s B0 A0 written into the base weight).
+    modules_to_save: modules trained in full and saved with the adapter (e.g. ["multi_modal_projector"]).
+    seed: seeds the "random" selection and the "lora" init, identically on every process.
+    cache_dir: where initial factors are cached, keyed by the weights' fingerprint and these settings.
+    method: decomposition route, see milora_vlm.milora.decompose.minor_factors.
+    decompose_device: "auto" (the local CUDA device if there is one, else the weight's device), or a device
+      string such as "cpu" / "cuda:0"; weights are copied there one at a time for the decomposition.
+    """
+
+    r: int = 16
+    lora_alpha: float = 16
+    target_modules: Union[list[str], str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    )
+    lora_dropout: float = 0.05
+    init: str = "minor"
+    residual: str = "offset"
+    modules_to_save: Optional[list[str]] = None
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    method: str = "auto"
+    decompose_device: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"MiLoRAConfig.r={self.r!r}: give a positive integer rank (the paper uses 32, 64 or 128)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
+            raise ValueError(f"MiLoRAConfig.lora_alpha={self.lora_alpha!r}: give a positive number (alpha = r keeps scaling 1)")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as exc:
+                raise ValueError(f"MiLoRAConfig.target_modules={self.target_modules!r} is not a valid regex: {exc}") from exc
+        elif isinstance(self.target_modules, (list, tuple)) and self.target_modules and all(
+            isinstance(t, str) and t for t in self.target_modules
+        ):
+            self.target_modules = list(self.target_modules)
+        else:
+            raise ValueError(
+                f"MiLoRAConfig.target_modules={self.target_modules!r}: give a non-empty list of module names "
+                "(e.g. ['q_proj', 'v_proj']) or one regex string"
+            )
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"MiLoRAConfig.lora_dropout={self.lora_dropout!r}: give a probability in [0, 1)")
+        if self.init not in INITS:
+            raise ValueError(f"MiLoRAConfig.init={self.init!r}: choose one of {INITS} ('minor' is MiLoRA)")
+        if self.residual not in RESIDUALS:
+            raise ValueError(
+                f"MiLoRAConfig.residual={self.residual!r}: choose 'offset' (exact, default) or 'subtract' (the paper's W_res)"
+            )
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+                raise ValueError(
+                    f"MiLoRAConfig.modules_to_save={self.modules_to_save!r}: give a list of module names, "
+                    "e.g. ['multi_modal_projector']"
+                )
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"MiLoRAConfig.seed={self.seed!r}: give an integer")
+        if self.method not in METHODS:
+            raise ValueError(f"MiLoRAConfig.method={self.method!r}: choose one of {METHODS}")
+        if not isinstance(self.decompose_device, str) or not self.decompose_device:
+            raise ValueError(f"MiLoRAConfig.decompose_device={self.decompose_device!r}: give 'auto', 'cpu' or 'cuda[:N]'")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MiLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MiLoRAConfig fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,175 @@
+"""Saving and restoring a MiLoRA adapter: PEFT's own adapter files plus the frozen initial factors.
+
+An adapter directory holds
+  adapter_config.json, adapter_model.safetensors   PEFT's LoRA files (A, B, modules_to_save), unchanged format
+  milora_init.safetensors                          "<module>.A0" (r x in), "<module>.B0" (out x r), fp32
+  milora_config.json                               {"format": ..., "milora": MiLoRAConfig fields, "targets": [...]}
+With B0 A0 and the original base weights, load_milora rebuilds the exact trained function in either residual
+form (the subtract form's W_res is recomputed from W, not stored: it would be a full copy of the targets).
+A vanilla PEFT load of these files alone gives W x + s B A x, without the - s B0 A0 x term: use load_milora, or
+milora_vlm.export for a plain LoRA / merged checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .apply import ADAPTER, subtract_residual
+from .config import MiLoRAConfig
+from .distributed import Factors, world
+from .offset import frozen_factors, has_offset, install_offset
+from .targets import find_targets, is_partitioned
+
+INIT_FILE = "milora_init.safetensors"
+META_FILE = "milora_config.json"
+FORMAT = "milora-vlm/1"
+
+
+def initial_factors(peft_model: PeftModel) -> Factors:
+    """{target name: (A0, B0)} as fp32 CPU tensors, from the offset buffers or the subtract-mode record."""
+    config = _config_of(peft_model)
+    if config.init == "lora":
+        return {}
+    if config.residual == "subtract":
+        return dict(peft_model.milora_subtract_factors)
+    out = {}
+    for t in find_targets(peft_model, ADAPTER):
+        if not has_offset(t.layer, ADAPTER):
+            raise RuntimeError(f"target '{t.name}' has no frozen B0/A0: was the model built by apply_milora?")
+        A0, B0 = frozen_factors(t.layer, ADAPTER)
+        out[t.name] = (A0.detach().to("cpu", torch.float32), B0.detach().to("cpu", torch.float32))
+    return out
+
+
+def write_init_files(peft_model: PeftModel, output_dir: str | os.PathLike) -> None:
+    """milora_init.safetensors + milora_config.json into output_dir (next to PEFT's files). Call on one rank."""
+    config = _config_of(peft_model)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    factors = initial_factors(peft_model)
+    if factors:
+        tensors = {}
+        for name, (A0, B0) in factors.items():
+            tensors[f"{name}.A0"] = A0.contiguous()
+            tensors[f"{name}.B0"] = B0.contiguous()
+        save_file(tensors, str(output_dir / INIT_FILE), metadata={"format": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "milora": dataclasses.asdict(config),
+        "targets": [t.name for t in find_targets(peft_model, ADAPTER)],
+    }
+    (output_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """PEFT save_pretrained + the MiLoRA files; a directory that load_milora (or export) can use as is.
+
+    Call it on every rank under torch.distributed: ZeRO-3 partitioned adapter weights are gathered (collectively)
+    unless a gathered `state_dict` is given, and rank 0 writes.
+    """
+    _config_of(peft_model)
+    rank, world_size = world()
+    adapter_params = [p for n, p in peft_model.named_parameters() if "lora_" in n or "modules_to_save" in n]
+    if state_dict is None and any(is_partitioned(p) for p in adapter_params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(adapter_params, modifier_rank=None):
+            peft_model.save_pretrained(str(output_dir), is_main_process=rank == 0)
+    else:
+        peft_model.save_pretrained(str(output_dir), state_dict=state_dict, is_main_process=rank == 0)
+    if rank == 0:
+        write_init_files(peft_model, output_dir)
+    if world_size > 1:
+        dist.barrier()
+
+
+def read_milora_meta(adapter_dir: str | os.PathLike) -> dict:
+    path = Path(adapter_dir) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: {adapter_dir} is not a MiLoRA adapter directory (save it with save_milora); a plain "
+            "LoRA adapter loads with peft.PeftModel.from_pretrained"
+        )
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    return meta
+
+
+def read_init_factors(adapter_dir: str | os.PathLike, names: list[str]) -> Factors:
+    path = Path(adapter_dir) / INIT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the adapter's frozen initial factors B0/A0 are missing")
+    factors = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for name in names:
+            if f"{name}.A0" not in keys or f"{name}.B0" not in keys:
+                raise KeyError(f"{path} has no factors for target '{name}' (keys '{name}.A0' / '{name}.B0')")
+            factors[name] = (f.get_tensor(f"{name}.A0"), f.get_tensor(f"{name}.B0"))
+    return factors
+
+
+def load_milora(
+    base_model: nn.Module, adapter_dir: str | os.PathLike, is_trainable: bool = False, residual: str | None = None
+) -> PeftModel:
+    """Restore a saved MiLoRA adapter onto the *original* base model: the exact trained function.
+
+    residual: None keeps the saved form; "offset" rebuilds a subtract-mode adapter in offset form (the same
+    function relative to the original W, computed without W_res's rounding; export uses it).
+    """
+    meta = read_milora_meta(adapter_dir)
+    config = MiLoRAConfig.from_dict(meta["milora"])
+    if residual is not None:
+        config = dataclasses.replace(config, residual=residual)
+    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    targets = find_targets(peft_model, ADAPTER)
+    if config.init != "lora":
+        names = [t.name for t in targets]
+        if sorted(names) != sorted(meta["targets"]):
+            raise ValueError(
+                f"{adapter_dir}: the adapter's targets ({len(meta['targets'])}) do not match the LoRA layers built "
+                f"on this base model ({len(names)}): is this the base model it was trained on?"
+            )
+        factors = read_init_factors(adapter_dir, names)
+        if config.residual == "offset":
+            for t in targets:
+                A0, B0 = factors[t.name]
+                install_offset(t.layer, ADAPTER, A0, B0)
+        else:
+            subtract_residual(targets, factors, config.scaling)
+            peft_model.milora_subtract_factors = factors
+    peft_model.milora_config = config
+    return peft_model
+
+
+class MiLoRACheckpointCallback(TrainerCallback):
+    """Adds milora_init.safetensors + milora_config.json to every Trainer checkpoint, so that each checkpoint
+    directory loads with load_milora as is (the Trainer itself writes only PEFT's files)."""
+
+    def __init__(self, peft_model: PeftModel):
+        self.peft_model = peft_model
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            write_init_files(self.peft_model, Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        return control
+
+
+def _config_of(peft_model: nn.Module) -> MiLoRAConfig:
+    config = getattr(peft_model, "milora_config", None)
+    if not isinstance(config, MiLoRAConfig):
+        raise TypeError("this model carries no MiLoRA adapter: build it with apply_milora or load_milora")
+    return config

@@ -1,0 +1,76 @@
+"""Side concerns of training, as Trainer callbacks: the loss-curve PNG and (for tests) reference logits."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+LOSS_CURVE = "loss_curve.png"
+REFERENCE_LOGITS = "reference_logits.pt"
+# Test hook: with MILORA_REFERENCE_LOGITS=N in the environment, the run saves the trained model's logits on its
+# first N training records (eval mode) to output_dir/reference_logits.pt, so a test can check that the saved
+# checkpoint reloads into the same function.
+REFERENCE_ENV = "MILORA_REFERENCE_LOGITS"
+
+
+def save_loss_curve(log_history: list[dict], path: str, title: str = "") -> bool:
+    """Plot training loss (and learning rate) against step from the Trainer's log history; False if nothing logged."""
+    points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, losses = zip(*points)
+    ax.plot(steps, losses, marker="o" if len(points) < 50 else None, label="training loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), color="gray", alpha=0.5, linestyle="--", label="learning rate")
+        ax2.set_ylabel("learning rate")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+class LossCurveCallback(TrainerCallback):
+    def __init__(self, title: str = ""):
+        self.title = title
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            path = os.path.join(args.output_dir, LOSS_CURVE)
+            if save_loss_curve(state.log_history, path, self.title):
+                logger.info("loss curve written to %s", path)
+
+
+class ReferenceLogitsCallback(TrainerCallback):
+    """Logits of the trained model on a fixed batch (the same on every rank, so ZeRO-3's gathers line up)."""
+
+    def __init__(self, dataset, collator, count: int):
+        self.dataset, self.collator, self.count = dataset, collator, count
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        batch = self.collator([self.dataset[i] for i in range(min(self.count, len(self.dataset)))])
+        batch.pop("skipped_samples", None)
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()
+        model.train(was_training)
+        if state.is_world_process_zero:
+            torch.save({"batch": batch, "logits": logits}, os.path.join(args.output_dir, REFERENCE_LOGITS))

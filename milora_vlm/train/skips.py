@@ -1,0 +1,66 @@
+"""Counting the records that training passed over, per reason, across dataloader workers and ranks.
+
+Skips travel inside the batches (milora_vlm.data.collator.BatchSkips), so a dataloader worker process never has
+to share a counter; each rank's trainer adds them up here and `totals()` gathers every rank's counts when the
+trainer logs (all ranks log at the same steps). Records that could not even be parsed are found while loading
+the file, identically on every rank, and are counted once.
+
+`fraction()` is the hook for a max-skip-fraction limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch.distributed as dist
+
+from milora_vlm.data.collator import BatchSkips
+from milora_vlm.data.dataset import SkipRecord
+
+logger = logging.getLogger(__name__)
+
+
+class SkipCounter:
+    def __init__(self, load_skips: list[SkipRecord] = (), log_first: int = 3):
+        self.samples = 0
+        self.reasons: Counter = Counter()
+        self.log_first = log_first
+        self._load = Counter(s.reason for s in load_skips)
+        self._load_n = len(load_skips)
+        self._logged: Counter = Counter()
+
+    def update(self, batch: BatchSkips | None) -> None:
+        if batch is None:
+            return
+        self.samples += batch.samples
+        for s in batch.skipped:
+            self.reasons[s.reason] += 1
+            if self._logged[s.reason] < self.log_first:
+                self._logged[s.reason] += 1
+                more = " (further ones of this reason are only counted)" if self._logged[s.reason] == self.log_first else ""
+                logger.warning("skipped record %s%s", s.describe(), more)
+
+    def totals(self) -> tuple[int, Counter]:
+        """(records looked at, skips by reason) summed over all ranks; a collective call under torch.distributed."""
+        samples, reasons = self.samples, Counter(self.reasons)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (self.samples, dict(self.reasons)))
+            samples, reasons = 0, Counter()
+            for s, r in gathered:
+                samples += s
+                reasons.update(r)
+        reasons.update(self._load)
+        return samples + self._load_n, reasons
+
+    @staticmethod
+    def fraction(samples: int, reasons: Counter) -> float:
+        return sum(reasons.values()) / samples if samples else 0.0
+
+    def log_entries(self) -> dict[str, float]:
+        """Scalars for the trainer's log (and TensorBoard): totals so far, per reason, and the skipped fraction."""
+        samples, reasons = self.totals()
+        out = {"skipped/total": float(sum(reasons.values())), "skipped/fraction": self.fraction(samples, reasons)}
+        out.update({f"skipped/{reason}": float(n) for reason, n in sorted(reasons.items())})
+        return out

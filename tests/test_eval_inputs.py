@@ -1,0 +1,135 @@
+"""Malformed scoring inputs give errors naming file, line and field (or counted warnings), never a quiet score;
+and eval/score.py's command line."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from milora_vlm.evaluation.exact import score_exact
+from milora_vlm.evaluation.inputs import EvalInputError, load_predictions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_script(name):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}_cli", os.path.join(REPO, "eval", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+score_cli = _load_script("score")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def questions(tmp_path):
+    return _jsonl(tmp_path / "q.jsonl", [{"question_id": i, "text": "?", "answer": "red"} for i in range(3)])
+
+
+def test_malformed_jsonl_line_is_named(tmp_path, questions):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"question_id": 0, "text": "red"}\n{"question_id": 1, "text": \n{"question_id": 2, "text": "red"}\n')
+    with pytest.raises(EvalInputError, match=r"a\.jsonl:2: malformed JSON"):
+        score_exact(str(path), questions)
+
+
+def test_cut_off_last_line_hints_at_a_killed_run(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"question_id": 0, "text": "red"}\n{"question_id": 1, "te')
+    with pytest.raises(EvalInputError, match=r":2: .*killed"):
+        load_predictions(str(path))
+
+
+def test_malformed_json_document_is_named(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[{"question_id": 0, "answer": "red"},\n {"question_id": 1 "answer": "x"}]')
+    with pytest.raises(EvalInputError, match=r"p\.json: malformed JSON at line 2"):
+        load_predictions(str(path))
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ([{"question_id": 0, "text": "a"}, {"question_id": 0, "text": "b"}], r":2: duplicate prediction for '0' \(first at line 1\)"),
+        ([{"text": "a"}], r":1: missing id field"),
+        ([{"question_id": 0, "prompt": "?"}], r":1: missing prediction field"),
+        ([{"question_id": 0, "text": 3}], r":1: field 'text' is a int"),
+        ([{"question_id": 0, "text": "a"}, {"question_id": 1, "answer": "b"}], r":2: mixes prediction fields"),
+        ([{"question_id": [0], "text": "a"}], r":1: id field 'question_id' is a list"),
+        (["not an object"], r":1: record is a str"),
+    ],
+)
+def test_bad_prediction_records(tmp_path, rows, message):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvalInputError, match=message):
+        load_predictions(str(path))
+
+
+def test_unknown_ids_fail_unless_allowed_then_are_counted(tmp_path, questions):
+    preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "red"}, {"question_id": 7, "text": "red"}])
+    with pytest.raises(EvalInputError, match=r"1 prediction\(s\) have question ids not in the gold file, e.g. '7' \(line 2\)"):
+        score_exact(preds, questions)
+    r = score_exact(preds, questions, allow_unknown=True).to_dict()
+    assert r["counts"] == {"gold": 3, "predicted": 1, "missing": 2, "unparsable": 0, "unknown_ignored": 1}
+    assert r["score"] == pytest.approx(100 / 3)
+
+
+def test_bad_gold_records(tmp_path):
+    preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "red"}])
+    with pytest.raises(EvalInputError, match=r"q\.jsonl:2: missing field 'answer'"):
+        score_exact(preds, _jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "answer": "red"}, {"question_id": 1}]))
+    with pytest.raises(EvalInputError, match=r"q2\.jsonl:2: duplicate question_id '0'"):
+        score_exact(preds, _jsonl(tmp_path / "q2.jsonl", [{"question_id": 0, "answer": "a"}, {"question_id": 0, "answer": "b"}]))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(EvalInputError, match="no questions to score"):
+        score_exact(preds, str(tmp_path / "empty.jsonl"))
+    with pytest.raises(EvalInputError, match="no such file"):
+        score_exact(preds, str(tmp_path / "nope.jsonl"))
+
+
+def test_byte_order_mark_is_accepted(tmp_path, questions):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"question_id": 0, "text": "red"}\n')
+    assert score_exact(str(path), questions, allow_unknown=False).to_dict()["counts"]["predicted"] == 1
+
+
+def test_score_cli_prints_and_writes_json(tmp_path, questions, capsys):
+    preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": i, "prompt": "?", "text": "Red.", "model_id": "m"} for i in range(2)])
+    out = tmp_path / "scores" / "exact.json"
+    assert score_cli.main(["--task", "exact", "--predictions", preds, "--questions", questions, "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert printed == json.loads(out.read_text())
+    assert printed["score"] == pytest.approx(200 / 3)
+    assert "warning: 1 of 3 questions have no prediction" in captured.err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([], "task 'exact' needs --questions"),
+        (["--questions", "Q", "--annotations", "x.json"], "task 'exact' does not use --annotations"),
+    ],
+)
+def test_score_cli_rejects_missing_and_unused_inputs(tmp_path, questions, capsys, extra, message):
+    extra = [questions if e == "Q" else e for e in extra]
+    assert score_cli.main(["--task", "exact", "--predictions", "p.jsonl", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_score_cli_runs_as_a_script(tmp_path, questions):
+    preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": i, "text": "red"} for i in range(3)])
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "eval", "score.py"), "--task", "exact",
+                           "--predictions", preds, "--questions", questions], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["score"] == 100.0

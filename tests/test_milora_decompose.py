@@ -1,0 +1,148 @@
+"""minor_factors against a direct fp64 SVD on matrices with known, gapped spectra."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from milora_vlm.milora import minor_factors
+from milora_vlm.milora.decompose import resolve_method, select_indices
+
+
+def known_spectrum(m: int, n: int, seed: int = 0, cond: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W = U diag(S) V^T with random orthonormal U, V and S log-spaced from 1 to 1/cond, times a factor-1.5 gap
+    every 8 values (so every mode's boundary sits on a gap for r = 8). Returns (W fp32, S descending fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    S = torch.logspace(0, -torch.log10(torch.tensor(cond)).item(), k, dtype=torch.float64)
+    S = S * 1.5 ** -(torch.arange(k) // 8).double()  # gaps between blocks of 8
+    S = S / S[0]
+    return ((U * S) @ V.T).float(), S
+
+
+def exact_part(W: torch.Tensor, idx: torch.Tensor):
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    return (U[:, idx] * S[idx]) @ Vh[idx], U[:, idx], Vh[idx].T
+
+
+def max_principal_angle(X: torch.Tensor, Y: torch.Tensor) -> float:
+    qx, _ = torch.linalg.qr(X.double())
+    qy, _ = torch.linalg.qr(Y.double())
+    cos = torch.linalg.svdvals(qx.T @ qy).clamp(max=1.0)
+    return float(torch.arccos(cos.min()))
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["tall", "wide"])
+@pytest.mark.parametrize("mode", ["minor", "principal", "middle", "random"])
+@pytest.mark.parametrize("method", ["svd", "gram"])
+@pytest.mark.parametrize("alpha", [4, 32])  # scaling 0.5 and 4
+def test_reconstruction_matches_svd(shape, mode, method, alpha):
+    r = 8
+    W, _ = known_spectrum(*shape)
+    gen = torch.Generator().manual_seed(3) if mode == "random" else None
+    A, B = minor_factors(W, r, scaling=alpha / r, mode=mode, method=method, generator=gen)
+    m, n = shape
+    assert A.shape == (r, n) and B.shape == (m, r) and A.dtype == B.dtype == torch.float32
+    idx = select_indices(min(shape), r, mode, torch.Generator().manual_seed(3) if mode == "random" else None)
+    ref, _, _ = exact_part(W, idx)
+    got = (alpha / r) * B.double() @ A.double()
+    rel = float((got - ref).norm() / ref.norm())
+    assert rel < 1e-4, f"{mode}/{method}: relative reconstruction error {rel:.2e}"
+    # B = U sqrt(S/s), A = sqrt(S/s) V^T: the two factors carry equal column / row norms
+    torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(200, 120), (120, 200)], ids=["tall", "wide"])
+@pytest.mark.parametrize("mode", ["minor", "principal"])
+@pytest.mark.parametrize("cond", [1e2, 1e3])  # overall condition numbers ~3e4 and ~3e5 with the gaps
+def test_gram_subspace_within_1e4_of_exact(shape, mode, cond):
+    W, _ = known_spectrum(*shape, seed=1, cond=cond)
+    A, B = minor_factors(W, 8, mode=mode, method="gram")
+    idx = select_indices(min(shape), 8, mode)
+    _, U_ref, V_ref = exact_part(W, idx)
+    assert max_principal_angle(A.T, V_ref) < 1e-4
+    assert max_principal_angle(B, U_ref) < 1e-4
+
+
+def test_gram_beats_fp32_svd_on_ill_conditioned_minor_part():
+    # condition number ~3e6: the fp64 Gram route's error grows like 1e-16 kappa^2, fp32 SVD's like 6e-8 kappa
+    W, _ = known_spectrum(200, 120, seed=1, cond=1e4)
+    idx = select_indices(120, 8, "minor")
+    _, U_ref, V_ref = exact_part(W, idx)
+    angles = {}
+    for method in ("gram", "svd"):
+        A, B = minor_factors(W, 8, mode="minor", method=method)
+        angles[method] = max(max_principal_angle(A.T, V_ref), max_principal_angle(B, U_ref))
+    assert angles["gram"] < 1e-3 < angles["svd"], angles
+
+
+def test_minor_is_the_bottom_of_the_spectrum():
+    W, S = known_spectrum(80, 48)
+    A, B = minor_factors(W, 4, scaling=1.0, mode="minor")
+    # singular values of B A are the 4 smallest of W
+    sv = torch.linalg.svdvals(B.double() @ A.double())[:4]
+    torch.testing.assert_close(sv, S[-4:].to(sv.dtype), rtol=1e-4, atol=0)
+
+
+def test_rank_deficient_weight_stays_finite():
+    W, _ = known_spectrum(64, 48)
+    W[:, :10] = 0  # 10 exact zero singular values: the minor factors are zero, never NaN
+    for method in ("svd", "gram"):
+        A, B = minor_factors(W, 8, method=method)
+        assert torch.isfinite(A).all() and torch.isfinite(B).all()
+        assert float((B @ A).abs().max()) < 1e-5
+
+
+def test_bf16_and_fp16_weights_decompose_their_own_values():
+    W, _ = known_spectrum(64, 64)
+    for dtype in (torch.bfloat16, torch.float16):
+        Wd = W.to(dtype)
+        A, B = minor_factors(Wd, 8, mode="principal")
+        ref, _, _ = exact_part(Wd.float(), torch.arange(8))
+        assert float((B.double() @ A.double() - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_random_mode_is_seeded_and_sorted():
+    W, _ = known_spectrum(64, 64)
+    a1 = minor_factors(W, 6, mode="random", seed=5)[0]
+    a2 = minor_factors(W, 6, mode="random", generator=torch.Generator().manual_seed(5))[0]
+    a3 = minor_factors(W, 6, mode="random", seed=6)[0]
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+    idx = select_indices(64, 6, "random", torch.Generator().manual_seed(5))
+    assert torch.equal(idx, torch.sort(idx).values) and len(set(idx.tolist())) == 6
+
+
+def test_auto_method_choice():
+    cpu = torch.device("cpu")
+    assert resolve_method("auto", (4096, 4096), cpu) == "gram"
+    assert resolve_method("auto", (64, 64), cpu) == "svd"
+    assert resolve_method("auto", (4096, 4096), torch.device("mps")) == "svd"  # no fp64 there
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, error, match",
+    [
+        (lambda: torch.randn(8, 6), {"r": 0}, ValueError, "1 <= r"),
+        (lambda: torch.randn(8, 6), {"r": 7}, ValueError, "min\\(out, in\\) = 6"),
+        (lambda: torch.randn(8, 6), {"r": 2.0}, TypeError, "int"),
+        (lambda: torch.randint(0, 5, (8, 6)), {"r": 2}, TypeError, "quantised"),
+        (lambda: torch.randn(8, 6).to(torch.float8_e4m3fn), {"r": 2}, TypeError, "quantised"),
+        (lambda: torch.randn(8, 6, 2), {"r": 2}, ValueError, "2-D"),
+        (lambda: torch.empty(0, 6), {"r": 1}, ValueError, "GatheredParameters"),
+        (lambda: torch.empty(0), {"r": 1}, ValueError, "GatheredParameters"),  # a ZeRO-3 shard placeholder
+        (lambda: torch.empty(8, 6, device="meta"), {"r": 1}, ValueError, "meta"),
+        (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), {"r": 1}, ValueError, "NaN or inf"),
+        (lambda: torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), {"r": 1}, ValueError, "NaN or inf"),
+        (lambda: torch.randn(8, 6), {"r": 2, "mode": "major"}, ValueError, "mode"),
+        (lambda: torch.randn(8, 6), {"r": 2, "method": "qr"}, ValueError, "method"),
+        (lambda: torch.randn(8, 6), {"r": 2, "method": "gesvda"}, ValueError, "CUDA"),
+        (lambda: torch.randn(8, 6), {"r": 2, "mode": "random"}, ValueError, "seed"),
+        (lambda: torch.randn(8, 6), {"r": 2, "scaling": 0.0}, ValueError, "scaling"),
+        (lambda: [[1.0, 2.0]], {"r": 1}, TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        minor_factors(make(), **kwargs)

@@ -1,0 +1,121 @@
+"""MiLoRA init under torch.distributed: each matrix decomposed once, factors identical on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from milora_vlm.milora import MiLoRAConfig, apply_milora, load_milora
+from milora_vlm.milora.distributed import assign_owners
+from milora_vlm.milora.targets import find_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+
+
+def test_assign_owners_balances_by_cost():
+    # LLaMA-7B-like layer: q, k, v, o (4096^2) and up, gate, down (4096 x 11008), cost ~ m n min(m, n)
+    costs = [4096**3] * 4 + [4096 * 4096 * 11008] * 3
+    owners = assign_owners(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert max(loads) / min(loads) < 1.3
+    assert assign_owners(costs, 2) == owners  # deterministic: every rank computes the same plan
+    assert assign_owners(costs, 1) == [0] * len(costs)
+    assert sorted(set(assign_owners(costs, 16))) == list(range(7))  # more ranks than matrices: one each
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory, tiny_causal_lm_dir):
+    if shutil.which("deepspeed") is None:
+        pytest.fail("the deepspeed launcher is not on PATH (activate the project's virtual environment)")
+    out = tmp_path_factory.mktemp("dist_milora")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [
+        "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+        str(ROOT / "tests" / "_dist_milora.py"),
+        "--model", str(tiny_causal_lm_dir), "--out", str(out), "--config", json.dumps(FIELDS),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out
+
+
+def _rank(out: Path, rank: int, name: str):
+    return load_file(str(out / f"rank{rank}_{name}.safetensors")), json.loads((out / f"rank{rank}_{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tiny_causal_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32)
+    return apply_milora(model, MiLoRAConfig(**FIELDS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["replicated", "zero3"])
+def test_ranks_identical_each_matrix_once_and_equal_single_process(dist_run, single, scenario):
+    (t0, r0), (t1, r1) = _rank(dist_run, 0, scenario), _rank(dist_run, 1, scenario)
+    assert set(t0) == set(t1)
+    for key in t0:
+        assert torch.equal(t0[key], t1[key]), f"{scenario}: {key} differs between ranks"
+    assert r0["partitioned"] is (scenario == "zero3") and r1["partitioned"] is (scenario == "zero3")
+    names = [t.name for t in find_targets(single)]
+    # every matrix decomposed exactly once across the two ranks, and both ranks did work
+    assert sorted(r0["decomposed_names"] + r1["decomposed_names"]) == sorted(names)
+    assert r0["decomposed_here"] > 0 and r1["decomposed_here"] > 0
+    assert r0["world_size"] == 2
+    for t in find_targets(single):
+        A, B = t.layer.lora_A["default"].weight, t.layer.lora_B["default"].weight
+        torch.testing.assert_close(t0[f"{t.name}.A"], A, rtol=0, atol=1e-6)
+        torch.testing.assert_close(t0[f"{t.name}.B"], B, rtol=0, atol=1e-6)
+        assert torch.equal(t0[f"{t.name}.A0"], t0[f"{t.name}.A"])
+
+
+@pytest.mark.slow
+def test_zero3_cache_hit_skips_decomposition(dist_run):
+    for rank in (0, 1):
+        miss_t, miss = _rank(dist_run, rank, "zero3_cache_miss")
+        hit_t, hit = _rank(dist_run, rank, "zero3_cache_hit")
+        assert miss["cache"].startswith("miss") and miss["decomposed_here"] > 0
+        assert hit["cache"] == "hit" and hit["decomposed_here"] == 0
+        assert all(torch.equal(miss_t[k], hit_t[k]) for k in miss_t)
+
+
+@pytest.mark.slow
+def test_zero3_subtract_writes_w_res(dist_run, tiny_causal_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    t0, _ = _rank(dist_run, 0, "zero3_subtract")
+    t1, _ = _rank(dist_run, 1, "zero3_subtract")
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32)
+    ref = apply_milora(model, MiLoRAConfig(**FIELDS, residual="subtract"))
+    for t in find_targets(ref):
+        assert torch.equal(t0[f"{t.name}.W"], t1[f"{t.name}.W"])
+        torch.testing.assert_close(t0[f"{t.name}.W"], t.weight.data, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["adapter", "adapter_after_initialize"])
+def test_zero3_saved_adapter_loads_single_process(dist_run, single, tiny_causal_lm_dir, adapter):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32)
+    loaded = load_milora(model, dist_run / adapter).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, single.eval()(ids).logits, rtol=0, atol=1e-5)

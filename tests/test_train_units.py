@@ -1,0 +1,99 @@
+"""Training helpers that need no training run: resume resolution, checkpoint completeness, loss-curve PNG,
+skip totals, bootstrap data."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import yaml
+
+from milora_vlm.config import RECIPE_FILENAME, ConfigError, build_recipe
+from milora_vlm.data.collator import BatchSkips
+from milora_vlm.data.dataset import SkipRecord
+from milora_vlm.train.bootstrap import instruction_records, shapes_records
+from milora_vlm.train.callbacks import save_loss_curve
+from milora_vlm.train.checkpoint import check_resume_compatible, latest_complete_checkpoint, missing_parts, resolve_resume
+from milora_vlm.train.skips import SkipCounter
+
+
+def fake_checkpoint(path, deepspeed=True, recipe=None):
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    (path / "trainer_state.json").write_text("{}")
+    (path / RECIPE_FILENAME).write_text(yaml.safe_dump(recipe or {}))
+    if deepspeed:
+        (path / "latest").write_text("global_step3")
+        (path / "global_step3").mkdir()
+    else:
+        (path / "optimizer.pt").write_bytes(b"x")
+    return path
+
+
+def test_checkpoint_completeness_and_auto_resume(tmp_path):
+    out = tmp_path / "out"
+    assert resolve_resume("auto", str(out)) is None  # nothing yet: start fresh
+    fake_checkpoint(out / "checkpoint-3")
+    fake_checkpoint(out / "checkpoint-10", deepspeed=False)
+    broken = fake_checkpoint(out / "checkpoint-12")
+    (broken / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    half = fake_checkpoint(out / "checkpoint-15")
+    (half / "latest").write_text("global_step15")  # names a folder that was never written
+    assert missing_parts(str(out / "checkpoint-10")) == []
+    assert missing_parts(str(broken)) == ["trainer_state.json"]
+    assert missing_parts(str(half)) == ["DeepSpeed state folder global_step15"]
+    assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-10")
+    assert resolve_resume("auto", str(out)) == str(out / "checkpoint-10")
+    with pytest.raises(ConfigError, match="incomplete.*trainer_state.json"):
+        resolve_resume(str(broken), str(out))
+    assert resolve_resume(None, str(out)) is None
+
+
+def test_resume_refuses_a_different_adapter(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "t.jsonl").write_text("{}\n")
+    raw = {"model": {"kind": "causal_lm", "path": str(tmp_path / "m")}, "data": {"train_file": str(tmp_path / "t.jsonl"), "template": "alpaca"},
+           "adapter": {"r": 8, "lora_alpha": 8}, "training": {"output_dir": str(tmp_path / "o")}}
+    recipe = build_recipe(raw)
+    ckpt = fake_checkpoint(tmp_path / "o" / "checkpoint-1", recipe=recipe.to_dict())
+    check_resume_compatible(recipe, str(ckpt))
+    raw["adapter"]["r"] = 16
+    with pytest.raises(ConfigError, match=r"`adapter` differs .*\['r'\]"):
+        check_resume_compatible(build_recipe(raw), str(ckpt))
+    raw["adapter"]["r"] = 8
+    raw["training"]["learning_rate"] = 1e-5  # training settings may change on resume
+    check_resume_compatible(build_recipe(raw), str(ckpt))
+
+
+def test_loss_curve_png(tmp_path):
+    history = [{"step": i, "loss": 5.0 / i, "learning_rate": 1e-3} for i in range(1, 20)] + [{"step": 19, "train_runtime": 3.0}]
+    assert save_loss_curve(history, str(tmp_path / "c.png"), "run")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert not save_loss_curve([{"step": 1, "train_runtime": 1.0}], str(tmp_path / "none.png"))
+
+
+def test_skip_counter_single_process():
+    rec = lambda reason: SkipRecord(reason, "d", "f:line 1", "id")  # noqa: E731
+    counter = SkipCounter([rec("malformed_record")])
+    counter.update(BatchSkips(samples=6, skipped=[rec("missing_image"), rec("missing_image")]))
+    counter.update(BatchSkips(samples=4))
+    counter.update(None)
+    samples, reasons = counter.totals()
+    assert samples == 11 and reasons == Counter(missing_image=2, malformed_record=1)
+    entries = counter.log_entries()
+    assert entries == {"skipped/total": 3.0, "skipped/fraction": pytest.approx(3 / 11),
+                       "skipped/malformed_record": 1.0, "skipped/missing_image": 2.0}
+
+
+def test_bootstrap_data_is_deterministic_and_mixed(tmp_path):
+    a = shapes_records(str(tmp_path / "a"), random.Random(0))
+    b = shapes_records(str(tmp_path / "b"), random.Random(0))
+    assert json.dumps(a) == json.dumps(b)
+    with_image = [r for r in a if "image" in r]
+    assert 0 < len(with_image) < len(a)
+    assert all((tmp_path / "a" / r["image"]).exists() for r in with_image)
+    assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in with_image)
+    inst = instruction_records(random.Random(0))
+    assert all(len(r["conversations"]) == 2 and "image" not in r for r in inst)
