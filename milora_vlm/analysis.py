@@ -746,7 +746,8 @@ def plot_module_heatmaps(report: SubspaceReport, outdir: str) -> dict[str, str]:
     for component, rows in by_component.items():
         layers = sorted({r.layer for r in rows}, key=lambda l: -1 if l is None else l)
         modules = sorted({r.module for r in rows})
-        fig, axes = plt.subplots(1, len(HEATMAP_PANELS), figsize=(2.2 + 1.0 * len(modules) * len(HEATMAP_PANELS), 1.5 + 0.35 * len(layers)), squeeze=False)
+        panel_w, panel_h = 1.4 + 0.35 * len(modules), 1.6 + 0.3 * len(layers)
+        fig, axes = plt.subplots(1, len(HEATMAP_PANELS), figsize=(panel_w * len(HEATMAP_PANELS), panel_h), squeeze=False)
         for ax, (metric, title) in zip(axes[0], HEATMAP_PANELS):
             grid = torch.full((len(layers), len(modules)), float("nan"))
             for r in rows:
@@ -795,8 +796,12 @@ def plot_comparison(summaries: Mapping[str, Mapping[str, Spread]], figures: Sequ
     """Bars with error bars (mean ± std over seeds) of each figure, one group of bars per run label."""
     plt = _plt()
     labels = list(summaries)
-    fig, axes = plt.subplots(1, len(figures), figsize=(2.6 * len(figures), 3.0), squeeze=False)
-    for ax, (name, title) in zip(axes[0], figures):
+    cols = min(5, len(figures))
+    rows = math.ceil(len(figures) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(figures):]:
+        ax.axis("off")
+    for ax, (name, title) in zip(axes.flat, figures):
         means = [summaries[l][name].mean if name in summaries[l] else float("nan") for l in labels]
         stds = [summaries[l][name].std if name in summaries[l] else 0.0 for l in labels]
         ax.bar(range(len(labels)), means, yerr=stds, capsize=3, color="tab:blue")
@@ -814,21 +819,30 @@ def plot_comparison(summaries: Mapping[str, Mapping[str, Spread]], figures: Sequ
 # ----------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Forgetting:
+    ce: float  # forgetting_ce's figure
+    agreement: float  # fraction of scored positions where the finetuned greedy token is the base's
+    positions: int  # how many positions were scored
+
+
 @torch.no_grad()
-def forgetting_ce(finetuned: nn.Module, base: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+def forgetting_stats(finetuned: nn.Module, base: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> Forgetting:
     """How far the finetuned model's predictions moved from the base model's on held-out old-task text.
 
     Definition (the MiLoRA paper's "cross-entropy against the base model's predictions"): at every scored
-    position t, the target is the base model's greedy next token argmax_v p_base(v | x_<=t), and the figure
-    is the finetuned model's cross-entropy -log p_ft(target | x_<=t), averaged over all scored positions of
-    all batches (token-weighted). Scored positions: those whose next token is an answer token (labels[t+1]
-    != -100) when the batch has `labels`, else every position whose next token is attended
-    (attention_mask[t+1] = 1). 0 = the finetuned model puts all mass on the base model's prediction.
+    position t, the target is the base model's greedy next token argmax_v p_base(v | x_<=t), and `ce` is the
+    finetuned model's cross-entropy -log p_ft(target | x_<=t), averaged over all scored positions of all
+    batches (token-weighted). Scored positions: those whose next token is an answer token (labels[t+1] !=
+    -100) when the batch has `labels`, else every position whose next token is attended (attention_mask[t+1]
+    = 1). `ce` is 0 only if the finetuned model puts all its mass on the base's prediction; it mixes
+    agreement with confidence (a finetuned model surer of the base's own answer scores lower than the base
+    itself), so `agreement`, the share of positions where both greedy tokens are equal, is reported with it.
 
     Batches are model inputs (input_ids, attention_mask, pixel_values, ...) plus optional labels; both
     models must be on the batches' device and in eval mode (this function does not move or switch them).
     """
-    total, count = 0.0, 0
+    total, agree, count = 0.0, 0, 0
     for batch in tqdm(batches, desc="forgetting CE", unit="batch", leave=False):
         labels = batch.get("labels")
         inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -843,7 +857,13 @@ def forgetting_ce(finetuned: nn.Module, base: nn.Module, batches: Iterable[Mappi
         if logits.shape[:2] != mask.shape:
             raise ValueError(f"logits cover {tuple(logits.shape[:2])} positions but the mask {tuple(mask.shape)}")
         total += float(torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum"))
+        agree += int((logits[mask].argmax(-1) == target[mask]).sum())
         count += int(mask.sum())
     if count == 0:
         raise ValueError("forgetting_ce: no scored position in the batches (all labels are -100?)")
-    return total / count
+    return Forgetting(total / count, agree / count, count)
+
+
+def forgetting_ce(finetuned: nn.Module, base: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """The MiLoRA paper's forgetting figure (lower = closer to the base); see `forgetting_stats`."""
+    return forgetting_stats(finetuned, base, batches).ce

@@ -100,6 +100,26 @@ class TrainableSection:
     language_model: str = field(default="frozen", metadata=_choices("frozen", "full"))
 
 
+@dataclass
+class GuardsSection:
+    """Limits that stop a run that is going wrong instead of letting it train on quietly (milora_vlm.train.guards).
+
+    max_skip_fraction: the run stops with an error (counts by reason, example records) once the records skipped at
+      train time exceed this fraction both of the records looked at and of the training file.
+    max_consecutive_nonfinite: a step whose loss (or, outside fp16, gradient norm) is NaN/inf is skipped and
+      counted; this many in a row stop the run after saving a checkpoint of the last good state.
+    """
+
+    max_skip_fraction: float = 0.05
+    max_consecutive_nonfinite: int = 3
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction: {self.max_skip_fraction} must be between 0 and 1")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite: {self.max_consecutive_nonfinite} must be at least 1")
+
+
 # Keys of `training` that this pipeline sets itself; a recipe must not fight them.
 _MANAGED_TRAINING_KEYS = {
     "deepspeed": "use the recipe's top-level `deepspeed:` key (a path to a DeepSpeed JSON)",
@@ -120,6 +140,7 @@ class Recipe:
     deepspeed: Optional[str] = None
     export: str = "none"
     bootstrap: Optional[str] = None
+    guards: GuardsSection = field(default_factory=GuardsSection)
     source: Optional[str] = None  # the YAML file it came from (not saved)
 
     @property
@@ -138,6 +159,7 @@ class Recipe:
             "deepspeed": self.deepspeed,
             "export": self.export,
             "bootstrap": self.bootstrap,
+            "guards": dataclasses.asdict(self.guards),
         }
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -149,7 +171,8 @@ class Recipe:
         return path
 
 
-_SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": MiLoRAConfig, "trainable": TrainableSection}
+_SECTIONS = {"model": ModelSection, "data": DataSection, "adapter": MiLoRAConfig, "trainable": TrainableSection,
+             "guards": GuardsSection}
 _SCALARS = {
     "deepspeed": (Optional[str], None),
     "export": (str, ("merged", "lora", "none")),
@@ -431,14 +454,32 @@ def _check_paths(r: Recipe) -> None:
             raise ConfigError(f"deepspeed: no such file {r.deepspeed!r} (see configs/zero2.json, configs/zero3.json)")
         try:
             with open(r.deepspeed, encoding="utf-8") as f:
-                json.load(f)
+                ds = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"deepspeed: {r.deepspeed} is not valid JSON: line {e.lineno}: {e.msg}") from None
+        _check_zero(r.deepspeed, ds)
     resume = r.training.get("resume_from_checkpoint")
     if resume not in (None, RESUME_AUTO) and not os.path.isdir(resume):
         raise ConfigError(
             f"training.resume_from_checkpoint: no such directory {resume!r} (give a checkpoint dir or 'auto')"
         )
+
+
+def _check_zero(path: str, ds: Any) -> None:
+    """ZeRO settings DeepSpeed would refuse (or silently ignore) only after the model is loaded."""
+    zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
+    if not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed: {path}: expected a JSON object with a `zero_optimization` mapping")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
+    offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    if offloaded("offload_param") and stage != 3:
+        raise ConfigError(f"deepspeed: {path}: offload_param needs zero_optimization.stage 3 (it is {stage})")
+    if offloaded("offload_optimizer") and stage == 0:
+        raise ConfigError(f"deepspeed: {path}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
+    if (ds.get("fp16") or {}).get("enabled") is True and (ds.get("bf16") or {}).get("enabled") is True:
+        raise ConfigError(f"deepspeed: {path}: fp16 and bf16 are both enabled; choose one (or 'auto')")
 
 
 def _check_combinations(r: Recipe) -> None:
@@ -525,6 +566,7 @@ def build_recipe(raw: dict, source: Optional[str] = None) -> Recipe:
         adapter=None if raw.get("adapter") is None else _build_section(MiLoRAConfig, "adapter", raw["adapter"]),
         trainable=_build_section(TrainableSection, "trainable", raw.get("trainable")),
         training=_check_training(raw.get("training")),
+        guards=_build_section(GuardsSection, "guards", raw.get("guards")),
         source=source,
         **scalars,
     )

@@ -5,7 +5,7 @@ full finetuning as the reference, over several seeds.
     python scripts/compare_inits.py --recipe configs/demo/easyvqa_milora.yaml --output runs/compare_inits
         [--inits lora principal minor full] [--seeds 0 1 2] [--max-steps N] [--full-lr LR]
         [--new-questions F --old-questions F --image-folder DIR] [--eval-limit N] [--forgetting-limit N]
-        [--launcher python|deepspeed --num-gpus N] [--quick]
+        [--launcher python|deepspeed --num-gpus N] [--threads N] [--quick]
 
 Every run trains the recipe (scripts/train_vlm.py's code) with only `adapter.init` and the seed changed (full
 finetuning: no adapter, the language model trained in full at --full-lr), then measures
@@ -48,6 +48,7 @@ FIGURES = [
     ("new_acc", "new-task acc. %"),
     ("old_acc", "old-task acc. %"),
     ("forgetting_ce", "forgetting CE"),
+    ("agreement", "agreement %"),
     ("mean/delta_norm", "‖ΔW‖"),
     ("mean/delta_proj_norm", "‖UᵀWV‖"),
     ("mean/amplification", "amplification"),
@@ -75,6 +76,11 @@ def run_recipe(raw: dict, init: str, seed: int, output_dir: str, max_steps: int 
     """The base recipe with only the init and the seed changed (and, for full finetuning, the adapter replaced
     by training the language model in full)."""
     raw = json.loads(json.dumps(raw))  # deep copy
+    # local paths made absolute: the run's recipe lives elsewhere, and the deepspeed launcher runs from the checkout
+    for section, key in (("model", "path"), ("data", "train_file"), ("data", "image_folder"), (None, "deepspeed")):
+        holder = raw if section is None else raw.get(section) or {}
+        if isinstance(holder.get(key), str) and os.path.exists(holder[key]):
+            holder[key] = os.path.abspath(holder[key])
     training = raw.setdefault("training", {})
     training.update(output_dir=output_dir, seed=seed)
     training.setdefault("report_to", "none")
@@ -227,7 +233,8 @@ def evaluate_run(name: str, model_dir: str, base, ctx: dict) -> dict:
         result[f"{family}_acc"] = accuracy(loaded, ctx[f"{family}_questions"], os.path.join(eval_dir, f"{family}.jsonl"),
                                            d.template, ctx["image_folder"], d.image_aspect_ratio)
     batches = [{k: v.to(loaded.device) for k, v in b.items()} for b in ctx["forgetting_batches"]]
-    result["forgetting_ce"] = an.forgetting_ce(loaded.model, base.model, batches)
+    forgetting = an.forgetting_stats(loaded.model, base.model, batches)
+    result["forgetting_ce"], result["agreement"] = forgetting.ce, 100.0 * forgetting.agreement
     if model_dir != base_path:
         report = an.analyze_checkpoint(base_path, model_dir, label=name, rank=ctx["adapter"].r, targets=ctx["targets"])
         an.write_report(report, os.path.join(ctx["output"], "runs", name, "subspace"))
@@ -256,9 +263,11 @@ def write_results(output: str, results: dict[str, list[dict]], meta: dict, plot:
         f"{meta['forgetting_n']} held-out old-task conversations. Cells: mean ± sample std over seeds.",
         "",
         an.comparison_table(summaries, FIGURES),
-        "forgetting CE: the finetuned model's cross-entropy against the base model's greedy prediction at each "
-        "answer position of held-out old-task text (lower = closer to the base; the base row is the base's own "
-        "floor). Subspace columns: mean over the adapted modules of the update ΔW against the original W "
+        "forgetting CE (the MiLoRA paper's measure): the finetuned model's cross-entropy against the base model's "
+        "greedy prediction at each answer position of held-out old-task text; lower = closer to the base, but a "
+        "model surer of the base's own answers also scores lower, so the base row (the base against itself) is a "
+        "reference, not a floor. agreement: share of those positions where the finetuned and base greedy tokens "
+        "agree (base: 100). Subspace columns: mean over the adapted modules of the update ΔW against the original W "
         "(milora_vlm.analysis; full FT analysed on the same modules with the adapters' rank).",
         "",
         "### Every run",
@@ -295,12 +304,16 @@ def parse_args(argv):
     ap.add_argument("--launcher", choices=["python", "deepspeed"], default="python",
                     help="python: one process, in this interpreter; deepspeed: the deepspeed launcher with --num-gpus")
     ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--threads", type=int,
+                    help="CPU threads for torch (training and evaluation). On a shared CPU box use 1: measured "
+                         "2026-11-23 on the 2-core dev box with another job running, 6 MiLoRA steps (tiny LLaVA, "
+                         "batch 32) took 7.9 s with 1 thread and 37 s with 2")
     ap.add_argument("--quick", action="store_true", help="smoke test: first seed only, 2 steps, 8 questions each")
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
         args.max_steps, args.eval_limit, args.forgetting_limit = 2, 8, 8
-    for name in ("max_steps", "eval_limit", "forgetting_limit"):
+    for name in ("max_steps", "eval_limit", "forgetting_limit", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -309,6 +322,9 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the deepspeed launcher's processes
     from milora_vlm.config import ConfigError, build_recipe
     from milora_vlm.model.trainable import adapter_target_modules
 

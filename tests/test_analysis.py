@@ -311,9 +311,13 @@ def test_forgetting_ce_matches_a_direct_computation(tiny_lm):
         target = int(bl[b, t].argmax())
         terms.append(-torch.log_softmax(fl[b, t], -1)[target].item())
     assert got == pytest.approx(sum(terms) / 3, rel=1e-5)
-    # unchanged model: only the base's own uncertainty remains, and changing it raises the figure
-    same = an.forgetting_ce(tiny_lm, tiny_lm, [batch])
-    assert same < got
+    stats = an.forgetting_stats(finetuned, tiny_lm, [batch])
+    assert stats.ce == got and stats.positions == 3
+    same_token = [int(fl[b, t].argmax()) == int(bl[b, t].argmax()) for b, t in [(0, 3), (0, 4), (1, 5)]]
+    assert stats.agreement == pytest.approx(sum(same_token) / 3)
+    # unchanged model: full agreement, only the base's own uncertainty left
+    same = an.forgetting_stats(tiny_lm, tiny_lm, [batch])
+    assert same.agreement == 1.0 and same.ce < got
     with pytest.raises(ValueError, match="no scored position"):
         an.forgetting_ce(finetuned, tiny_lm, [{**batch, "labels": torch.full_like(labels, an.IGNORE_INDEX)}])
 

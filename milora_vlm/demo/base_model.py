@@ -83,17 +83,14 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def tokenizer_corpus(data_dir: str) -> list[str]:
-    """Every question and answer text of the data set (both families: the tokenizer is the "pretrained" one and
-    must already know the new task's words, as a real LLM's does) and the template markers."""
-    texts = []
+    """The distinct texts of every training conversation (both families: the tokenizer plays a real LLM's, which
+    already knows the new task's words) and the answer words."""
+    texts = set()
     for name in sorted(os.listdir(data_dir)):
-        if name.endswith(".jsonl") and name.startswith(("train_", "test_")):
+        if name.startswith("train_") and name.endswith(".jsonl"):
             for rec in _read_jsonl(os.path.join(data_dir, name)):
-                if "conversations" in rec:
-                    texts += [t["value"].replace("<image>", "") for t in rec["conversations"]]
-                else:
-                    texts += [rec["text"], rec["answer"]]
-    return sorted(set(texts)) + [" ".join(COLORS + SHAPES)]
+                texts.update(t["value"].replace("<image>", "").strip() for t in rec["conversations"])
+    return sorted(texts) + [" ".join(COLORS + SHAPES)]
 
 
 def load_pixels(data_dir: str, images: list[str], image_processor) -> torch.Tensor:
@@ -316,7 +313,7 @@ def build_base_model(data_dir: str, output: str, spec: BaseModelSpec | None = No
     checks = _subset(_read_jsonl(os.path.join(data_dir, f"test_{spec.train_family}.jsonl")), spec.check_questions,
                      f"{spec.seed}-check")
     # Every image any stage needs, one feature row each.
-    images = sorted({r["image"] for r in train_labels} | {r["image"] for r in records} | {c["image"] for c in checks})
+    images = sorted({r["image"] for r in train_labels + test_labels + records + checks})
     rows = {p: i for i, p in enumerate(images)}
     pixels = load_pixels(data_dir, images, processor.image_processor)
     test_pixels = pixels[torch.tensor([rows[r["image"]] for r in test_labels])] if test_labels else pixels[:0]

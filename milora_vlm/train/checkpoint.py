@@ -4,6 +4,11 @@ A checkpoint directory (checkpoint-N) is complete when it holds everything neede
 weights (PEFT adapter, or the full model for adapter-free runs), the resolved recipe, the trainer state (written
 last by the Trainer) and the optimizer state (DeepSpeed's `latest` + its global_step folder, or optimizer.pt).
 `auto` picks the highest complete one and starts fresh when there is none.
+
+Saving is not atomic in the Trainer (every rank writes its own files into checkpoint-N; rank 0's trainer state may
+land before another rank's RNG state), so MiLoRATrainer puts SAVING_MARKER into checkpoint-N before any rank writes
+and removes it (one atomic unlink) only after every rank has finished. A save killed at any point leaves the
+marker, which `missing_parts` reports and `auto` passes over.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from milora_vlm.config import RECIPE_FILENAME, RESUME_AUTO, ConfigError, Recipe
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+SAVING_MARKER = "SAVE_IN_PROGRESS"
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -31,6 +37,8 @@ def missing_parts(path: str) -> list[str]:
     for name in (RECIPE_FILENAME, "trainer_state.json"):
         if not os.path.isfile(os.path.join(path, name)):
             missing.append(name)
+    if os.path.exists(os.path.join(path, SAVING_MARKER)):
+        missing.append(f"a finished save ({SAVING_MARKER} is still there: the save was interrupted)")
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):  # DeepSpeed: `latest` names the tag folder holding model + optimizer shards
         with open(latest, encoding="utf-8") as f:
@@ -40,6 +48,18 @@ def missing_parts(path: str) -> list[str]:
     elif not os.path.isfile(os.path.join(path, "optimizer.pt")):
         missing.append("optimizer state (DeepSpeed `latest` or optimizer.pt)")
     return missing
+
+
+def begin_save(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, SAVING_MARKER), "w", encoding="utf-8") as f:
+        f.write("checkpoint being written; removed when every rank has finished\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def end_save(path: str) -> None:
+    os.remove(os.path.join(path, SAVING_MARKER))
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:

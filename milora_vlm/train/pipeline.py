@@ -19,6 +19,7 @@ from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
 from .checkpoint import check_resume_compatible, resolve_resume
+from .guards import TrainingStopped
 from .skips import SkipCounter
 
 logger = logging.getLogger("milora_vlm.train")
@@ -150,9 +151,11 @@ def run(recipe: Recipe) -> str:
     if args.should_save:
         recipe.save(recipe.output_dir)
     trainer.train(resume_from_checkpoint=resume)
+    trainer.nonfinite.raise_if_tripped(recipe.output_dir, trainer.state.global_step)
+    samples, reasons = trainer.skip_counter.totals()
+    trainer.check_skips()
     trainer.save_model()
     trainer.save_state()
-    samples, reasons = trainer.skip_counter.totals()
     if distributed.rank() == 0:
         logger.info("skipped %d of %d records looked at%s", sum(reasons.values()), samples,
                     "".join(f"; {r}: {n}" for r, n in sorted(reasons.items())))
@@ -187,4 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # checks that need the model (adapter targets, rank, ...)
         print(f"train_vlm: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:  # a guard (milora_vlm.train.guards) stopped the run
+        print(f"train_vlm: stopped: {e}", file=sys.stderr)
+        return 3
     return 0

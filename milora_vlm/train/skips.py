@@ -5,7 +5,7 @@ to share a counter; each rank's trainer adds them up here and `totals()` gathers
 trainer logs (all ranks log at the same steps). Records that could not even be parsed are found while loading
 the file, identically on every rank, and are counted once.
 
-`fraction()` is the hook for a max-skip-fraction limit.
+`last_totals` / `last_examples` (from the latest `totals()`) feed the max-skip-fraction guard (guards.py).
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ class SkipCounter:
         self._load = Counter(s.reason for s in load_skips)
         self._load_n = len(load_skips)
         self._logged: Counter = Counter()
+        # A few example records per reason (file:line id), for the max-skip-fraction error.
+        self.examples: dict[str, list[str]] = {}
+        for s in load_skips:
+            self._example(s)
+        self.last_totals: tuple[int, Counter] = (self._load_n, Counter(self._load))
+        self.last_examples: dict[str, list[str]] = dict(self.examples)
+
+    def _example(self, s: SkipRecord) -> None:
+        shown = self.examples.setdefault(s.reason, [])
+        if len(shown) < self.log_first:
+            shown.append(s.describe())
 
     def update(self, batch: BatchSkips | None) -> None:
         if batch is None:
@@ -36,6 +47,7 @@ class SkipCounter:
         self.samples += batch.samples
         for s in batch.skipped:
             self.reasons[s.reason] += 1
+            self._example(s)
             if self._logged[s.reason] < self.log_first:
                 self._logged[s.reason] += 1
                 more = " (further ones of this reason are only counted)" if self._logged[s.reason] == self.log_first else ""
@@ -43,16 +55,20 @@ class SkipCounter:
 
     def totals(self) -> tuple[int, Counter]:
         """(records looked at, skips by reason) summed over all ranks; a collective call under torch.distributed."""
-        samples, reasons = self.samples, Counter(self.reasons)
+        # load-time skips are on rank 0's counter only: they join its share, so every rank gets the same totals
+        # (the skip guard takes the same decision everywhere)
+        samples, reasons, examples = self.samples + self._load_n, self.reasons + self._load, dict(self.examples)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (self.samples, dict(self.reasons)))
-            samples, reasons = 0, Counter()
-            for s, r in gathered:
+            dist.all_gather_object(gathered, (samples, dict(reasons), examples))
+            samples, reasons, examples = 0, Counter(), {}
+            for s, r, e in gathered:
                 samples += s
                 reasons.update(r)
-        reasons.update(self._load)
-        return samples + self._load_n, reasons
+                for reason, shown in e.items():
+                    examples.setdefault(reason, []).extend(x for x in shown if x not in examples.get(reason, []))
+        self.last_totals, self.last_examples = (samples, reasons), examples
+        return self.last_totals
 
     @staticmethod
     def fraction(samples: int, reasons: Counter) -> float:

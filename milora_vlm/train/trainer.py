@@ -8,6 +8,8 @@
   trainer state to checkpoints, so each checkpoint can be evaluated and resumed as is.
 - skipped records: popped from each batch and counted (milora_vlm.train.skips); totals join every log line.
 - sampler: LLaVA's modality/length grouping when data.group_by_modality_length is set.
+- guards (milora_vlm.train.guards): a non-finite loss skips the backward (so the step changes nothing), a
+  non-finite gradient norm drops the step's gradients; too many skipped records stop the run at a log step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from milora_vlm.config import Recipe
 from milora_vlm.data.collator import SKIPS_KEY
 
+from . import distributed
+from .checkpoint import begin_save, end_save
+from .guards import NonFiniteGuard, check_skip_fraction
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
 
@@ -49,6 +54,19 @@ class MiLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.skip_counter = skip_counter
+        # fp16: DeepSpeed's / the AMP loss scaler owns gradient overflow skips, so only the loss is judged
+        self.nonfinite = NonFiniteGuard(recipe.guards.max_consecutive_nonfinite, judge_grads=not self.args.fp16)
+        self.add_callback(self.nonfinite)
+        self._skip_backward = False
+        # The Trainer's training_step always runs the backward (and, under DeepSpeed, the engine's step inside it);
+        # this wrapper is the smallest way to leave both out for a step whose loss is non-finite on some rank.
+        backward = self.accelerator.backward
+
+        def guarded_backward(loss, **kw):
+            if not self._skip_backward:
+                backward(loss, **kw)
+
+        self.accelerator.backward = guarded_backward
 
     # ---- optimizer -----------------------------------------------------------------------------------------
 
@@ -88,7 +106,34 @@ class MiLoRATrainer(Trainer):
         skips = inputs.pop(SKIPS_KEY, None)
         if self.skip_counter is not None:
             self.skip_counter.update(skips)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            step = self.state.global_step + 1
+            loss = self.nonfinite.poison(out[0] if return_outputs else out, step)
+            self._skip_backward = not self.nonfinite.loss_is_finite(loss, step)
+            out = (loss, *out[1:]) if return_outputs else loss
+        return out
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._skip_backward = False
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients and not self._skip_backward and self.nonfinite.judge_grads:
+            self._drop_nonfinite_grads(model)
+        self._skip_backward = False
+        return loss
+
+    def _drop_nonfinite_grads(self, model) -> None:
+        """After the last backward of a step: a non-finite gradient norm skips the step (guards.py)."""
+        step = self.state.global_step + 1
+        if self.is_deepspeed_enabled:  # the engine has stepped (and skipped an invalid norm) inside the backward
+            norm = self.model_wrapped.get_global_grad_norm()
+            self.nonfinite.grad_norm_is_finite(None if norm is None else float(norm), step)
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))) if grads else 0.0
+        if not self.nonfinite.grad_norm_is_finite(norm, step):
+            for p in model.parameters():
+                p.grad = None  # torch optimizers leave a parameter without a gradient untouched
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop(SKIPS_KEY, None)
@@ -110,9 +155,30 @@ class MiLoRATrainer(Trainer):
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self.skip_counter is not None:  # every rank logs at the same steps: the totals are gathered here
             logs.update(self.skip_counter.log_entries())
+        logs["nonfinite_steps_skipped"] = float(self.nonfinite.skipped_total)
         super().log(logs, *args, **kwargs)
+        self.check_skips()
+
+    def check_skips(self) -> None:
+        """guards.max_skip_fraction against the latest gathered skip totals (the same on every rank)."""
+        if self.skip_counter is not None:
+            samples, reasons = self.skip_counter.last_totals
+            file_records = len(self.train_dataset) + len(getattr(self.train_dataset, "load_skips", ()))
+            check_skip_fraction(samples, reasons, self.skip_counter.last_examples, file_records,
+                                self.recipe.guards.max_skip_fraction)
 
     # ---- saving --------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, bracketed by checkpoint.SAVING_MARKER so that a killed save is never resumed."""
+        path = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            begin_save(path)
+        distributed.barrier()  # the marker exists before any rank writes
+        super()._save_checkpoint(model, trial)
+        distributed.barrier()  # every rank's files (DeepSpeed shards, RNG state) are written
+        if self.args.should_save and os.path.isdir(path):  # save_total_limit may have rotated it away already
+            end_save(path)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from peft import PeftModel

@@ -1,0 +1,123 @@
+"""Guards that stop a run going wrong quietly (recipe section `guards`).
+
+- Skip fraction: records the dataset passed over at train time (milora_vlm.train.skips) may be at most
+  `max_skip_fraction` of what was looked at. Early in a run a couple of bad records are a large fraction of the few
+  looked at, so the limit also needs the skips to exceed that fraction of the whole training file.
+- Non-finite steps: a micro-step whose loss is NaN/inf on any rank is skipped on every rank (no backward, so no
+  optimizer update and no DeepSpeed step); outside fp16 a step whose gradient norm is NaN/inf is skipped as well
+  (its gradients are dropped; DeepSpeed's ZeRO optimizer already skips a step with an invalid norm). In fp16
+  DeepSpeed's loss scaler owns overflow skips (several in a row are normal while the scale settles), so only the
+  loss is judged there. `max_consecutive_nonfinite` such steps in a row save a checkpoint of the last good state
+  (skipped steps changed nothing) and stop the run with an error naming the steps.
+
+The Trainer has no hook to skip a backward, so MiLoRATrainer asks `NonFiniteGuard.loss_is_finite` in compute_loss
+and leaves out the backward itself (milora_vlm.train.trainer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+# Test hook: MILORA_POISON_LOSS_STEPS="3,4" makes rank 0's loss NaN on those (1-based) optimizer steps, so tests can
+# exercise the non-finite guard (and the ranks' agreement to skip) without a model that diverges.
+POISON_ENV = "MILORA_POISON_LOSS_STEPS"
+
+
+class TrainingStopped(RuntimeError):
+    """A guard stopped the run; the message says why and what was saved."""
+
+
+def _all_ranks_any(flag: bool, device) -> bool:
+    """True on every rank when `flag` is true on any rank (all ranks must skip the same steps, or collectives hang)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+    return flag
+
+
+def check_skip_fraction(samples: int, reasons: Counter, examples: dict[str, list[str]], file_records: int,
+                        max_fraction: float) -> None:
+    """Raise TrainingStopped when the skipped records exceed max_fraction of those looked at and of the file."""
+    skipped = sum(reasons.values())
+    if skipped == 0 or samples == 0:
+        return
+    if skipped / samples <= max_fraction or skipped <= max_fraction * file_records:
+        return
+    by_reason = ", ".join(f"{r}: {n}" for r, n in sorted(reasons.items()))
+    shown = "; ".join(e for r in sorted(examples) for e in examples[r][:2])
+    raise TrainingStopped(
+        f"{skipped} of {samples} records looked at were skipped ({100 * skipped / samples:.1f}% > guards.max_skip_fraction "
+        f"{100 * max_fraction:.1f}%; the training file has {file_records} records). By reason: {by_reason}. "
+        f"Examples: {shown}. Fix the data (data_prep reports every bad record) or raise guards.max_skip_fraction."
+    )
+
+
+def poisoned_steps() -> set[int]:
+    value = os.environ.get(POISON_ENV, "").strip()
+    return {int(s) for s in value.split(",") if s.strip()} if value else set()
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Counts skipped non-finite steps; N in a row ask the Trainer to save and stop (then `raise_if_tripped`)."""
+
+    def __init__(self, max_consecutive: int, judge_grads: bool):
+        self.max_consecutive = max_consecutive
+        self.judge_grads = judge_grads
+        self.skipped_total = 0
+        self.run: list[str] = []  # the current streak: "step N: loss nan" ...
+        self.tripped: list[str] | None = None
+        self._bad_this_step: list[str] = []
+        self._poison = poisoned_steps()
+
+    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        return loss * float("nan") if step in self._poison and _rank() == 0 else loss
+
+    def loss_is_finite(self, loss: torch.Tensor, step: int) -> bool:
+        bad = _all_ranks_any(not bool(torch.isfinite(loss.detach()).all()), loss.device)
+        if bad:
+            self._bad_this_step.append(f"step {step}: loss {loss.detach().float().mean().item()} (rank {_rank()})")
+        return not bad
+
+    def grad_norm_is_finite(self, norm: float | None, step: int) -> bool:
+        if not self.judge_grads or norm is None or math.isfinite(norm):
+            return True
+        self._bad_this_step.append(f"step {step}: gradient norm {norm}")
+        return False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._bad_this_step:
+            self.skipped_total += 1
+            self.run.append("; ".join(self._bad_this_step))
+            logger.warning("skipped a non-finite step (%d in a row, %d in all): %s", len(self.run),
+                           self.skipped_total, self.run[-1])
+            self._bad_this_step = []
+            if len(self.run) >= self.max_consecutive:
+                self.tripped = list(self.run)
+                control.should_save = True  # skipped steps changed nothing: this is the last good state
+                control.should_training_stop = True
+        else:
+            self.run = []
+        return control
+
+    def raise_if_tripped(self, output_dir: str, step: int) -> None:
+        if self.tripped is not None:
+            raise TrainingStopped(
+                f"{len(self.tripped)} non-finite steps in a row (guards.max_consecutive_nonfinite "
+                f"{self.max_consecutive}): {' | '.join(self.tripped)}. The last good state is saved as "
+                f"{os.path.join(output_dir, f'checkpoint-{step}')}; lower the learning rate or check those batches, "
+                "then resume with --resume_from_checkpoint auto."
+            )
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

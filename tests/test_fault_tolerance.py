@@ -1,0 +1,271 @@
+"""Fault tolerance (milora_vlm.train.guards, checkpoint.SAVING_MARKER): bad records over / under
+guards.max_skip_fraction, NaN losses skipped and, N in a row, stopping the run with a checkpoint of the last good
+state; interrupted saves never resumed; a 2-process ZeRO-2 run killed with SIGKILL after a checkpoint and resumed
+with `auto` ends where an uninterrupted run ends.
+
+Runs are shared between tests through module fixtures (each launch costs seconds to tens of seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from milora_vlm.config import ConfigError, load_recipe
+from milora_vlm.train.checkpoint import SAVING_MARKER, begin_save, end_save, latest_complete_checkpoint, missing_parts
+from milora_vlm.train.guards import TrainingStopped, check_skip_fraction
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "scripts" / "train_vlm.py")
+ZERO2 = "configs/tiny/llava_milora_zero2.yaml"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(args: list[str], procs: int) -> list[str]:
+    if procs == 1:
+        return [sys.executable, SCRIPT, "--deepspeed", "null", *args]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return cmd + ["--num_gpus", str(procs), "--master_port", str(free_port()), SCRIPT, *args]
+
+
+def environment(**extra: str) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def launch(args: list[str], procs: int = 1, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, procs), cwd=REPO, env=environment(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def log_history(path) -> list[dict]:
+    return json.loads((Path(path) / "trainer_state.json").read_text())["log_history"]
+
+
+def losses(path) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in log_history(path) if "loss" in h}
+
+
+def adapter(path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "adapter_model.safetensors"))
+
+
+def same_weights(a: dict, b: dict, atol: float = 0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+# ---- units ---------------------------------------------------------------------------------------------------------
+
+def test_skip_fraction_limit_needs_both_fractions():
+    reasons = Counter({"missing_image": 2, "bad_conversations": 1})
+    examples = {"missing_image": ["data.jsonl:line 4 (id a): missing_image: image file not found: x.png"],
+                "bad_conversations": ["data.jsonl:line 9 (id b): bad_conversations: empty"]}
+    check_skip_fraction(100, reasons, examples, file_records=100, max_fraction=0.05)  # 3% of those looked at
+    check_skip_fraction(10, reasons, examples, file_records=100, max_fraction=0.05)  # 30%, but 3 <= 5% of the file
+    with pytest.raises(TrainingStopped) as e:
+        check_skip_fraction(20, reasons, examples, file_records=40, max_fraction=0.05)
+    msg = str(e.value)
+    assert "3 of 20" in msg and "missing_image: 2" in msg and "bad_conversations: 1" in msg
+    assert "data.jsonl:line 4 (id a)" in msg and "guards.max_skip_fraction" in msg
+
+
+def test_guards_keys_are_checked(tmp_path):
+    base = [("model.path", str(tmp_path / "m")), ("data.train_file", str(tmp_path / "t.jsonl")),
+            ("output_dir", str(tmp_path / "o"))]
+    recipe = load_recipe(REPO / ZERO2, base + [("guards.max_consecutive_nonfinite", "5")])
+    assert recipe.guards.max_consecutive_nonfinite == 5 and recipe.to_dict()["guards"]["max_consecutive_nonfinite"] == 5
+    for key, value, words in [("guards.max_skip_fraction", "1.5", "between 0 and 1"),
+                              ("guards.max_consecutive_nonfinite", "0", "at least 1"),
+                              ("guards.max_consecutive_nonfinite", "many", "guards.max_consecutive_nonfinite"),
+                              ("guards.max_skip_fractoin", "0.1", "did you mean")]:
+        with pytest.raises(ConfigError, match=words):
+            load_recipe(REPO / ZERO2, base + [(key, value)])
+
+
+def test_interrupted_save_is_never_resumed(tmp_path):
+    out = tmp_path / "out"
+    for step in (2, 4):
+        ckpt = out / f"checkpoint-{step}"
+        begin_save(str(ckpt))
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        (ckpt / "milora_recipe.yaml").write_text("{}")
+        (ckpt / "trainer_state.json").write_text("{}")
+        (ckpt / "optimizer.pt").write_bytes(b"x")
+        if step == 2:
+            end_save(str(ckpt))
+    # checkpoint-4 has every file but its save never finished (e.g. another rank's RNG state was still coming)
+    assert missing_parts(str(out / "checkpoint-4")) == [f"a finished save ({SAVING_MARKER} is still there: the save was interrupted)"]
+    assert missing_parts(str(out / "checkpoint-2")) == []
+    assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+
+# ---- single-process runs: bad records and NaN losses -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The tiny LLaVA and shapes data from the recipe's bootstrap, plus a file with three kinds of bad records."""
+    from milora_vlm.train.bootstrap import bootstrap_tiny
+
+    root = tmp_path_factory.mktemp("faults")
+    recipe = load_recipe(REPO / ZERO2, [
+        ("model.path", str(root / "llava")), ("data.train_file", str(root / "shapes.jsonl")),
+        ("data.image_folder", str(root / "images")), ("output_dir", str(root / "unused"))])
+    bootstrap_tiny(recipe)
+    records = [json.loads(line) for line in (root / "shapes.jsonl").read_text().splitlines()]
+    image_rec = next(r for r in records if "image" in r)
+    shutil.copy(root / "images" / image_rec["image"], root / "images" / "deleted.png")
+    (root / "images" / "corrupt.png").write_bytes(b"not a png at all")
+    bad = [dict(image_rec, id="deleted", image="deleted.png"), dict(image_rec, id="corrupt", image="corrupt.png"),
+           {"id": "empty", "conversations": []}]
+    good = records[:13]
+    with open(root / "bad.jsonl", "w") as f:  # 16 records: 4 steps of 4 meet every one of them
+        for r in good[:4] + bad[:1] + good[4:8] + bad[1:2] + good[8:12] + bad[2:] + good[12:]:
+            f.write(json.dumps(r) + "\n")
+    (root / "images" / "deleted.png").unlink()  # deleted after data_prep validated the file
+    return root
+
+
+def single(work, name: str, *extra: str) -> list[str]:
+    return ["--config", ZERO2, "--model.path", str(work / "llava"), "--data.image_folder", str(work / "images"),
+            "--data.train_file", str(work / "bad.jsonl"), "--output_dir", str(work / name), "--seed", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def nan_run(work):
+    """Bad records under the limit; NaN loss on step 2 (skipped, training goes on) and on steps 4 and 5 (stop)."""
+    proc = launch(single(work, "nan", "--max_steps", "8", "--save_steps", "1", "--save_total_limit", "10",
+                         "--guards.max_skip_fraction", "0.3", "--guards.max_consecutive_nonfinite", "2"),
+                  MILORA_POISON_LOSS_STEPS="2,4,5")
+    return proc, work / "nan"
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(nan_run):
+    proc, out = nan_run
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    assert "2 non-finite steps in a row" in proc.stderr and "step 4: loss nan" in proc.stderr and "step 5: loss nan" in proc.stderr
+    assert "skipped a non-finite step (1 in a row, 1 in all): step 2" in proc.stderr
+    ckpts = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert ckpts == [1, 2, 3, 4, 5]  # stopped at step 5, with a checkpoint of it
+    assert all(missing_parts(str(out / f"checkpoint-{s}")) == [] for s in ckpts)
+    w = {s: adapter(out / f"checkpoint-{s}") for s in ckpts}
+    assert same_weights(w[1], w[2])  # step 2 skipped: no optimizer update
+    assert not same_weights(w[2], w[3])  # step 3 trained
+    assert same_weights(w[3], w[4]) and same_weights(w[3], w[5])  # the saved state is the last good one
+    assert not (out / "adapter_model.safetensors").exists()  # a stopped run does not pass for a finished one
+    last = [h for h in log_history(out / "checkpoint-5") if "nonfinite_steps_skipped" in h][-1]
+    assert last["nonfinite_steps_skipped"] == 3
+
+
+def test_bad_records_under_the_limit_are_counted_and_named(nan_run, work):
+    proc, out = nan_run
+    last = [h for h in log_history(out / "checkpoint-5") if "skipped/total" in h][-1]
+    assert last["skipped/missing_image"] >= 1 and last["skipped/corrupt_image"] >= 1 and last["skipped/bad_conversations"] >= 1
+    assert "skipped record" in proc.stderr and "bad.jsonl:line" in proc.stderr and "(id deleted)" in proc.stderr
+
+
+# ---- 2-process ZeRO-2: SIGKILL and resume ------------------------------------------------------------------------
+
+def zero2_args(work, name: str, *extra: str) -> list[str]:
+    return ["--config", ZERO2, "--model.path", str(work / "llava"), "--data.image_folder", str(work / "images"),
+            "--data.train_file", str(work / "shapes.jsonl"), "--output_dir", str(work / name), "--seed", "0",
+            "--max_steps", "8", "--save_steps", "2", "--save_total_limit", "10", *extra]
+
+
+@pytest.mark.slow
+def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(work):
+    full = launch(zero2_args(work, "full"), procs=2)
+    assert full.returncode == 0, full.stderr[-4000:]
+
+    # The same run, SIGKILLed (whole process group: launcher and both ranks) once checkpoint-K (K random, after a
+    # first complete checkpoint) appears, after a random delay: anywhere from inside that save to the next steps.
+    rng = random.Random(int(os.environ.get("FAULT_SEED", os.getpid())))
+    kill_at, delay = rng.choice([4, 6]), rng.uniform(0.0, 0.8)
+    killed_dir = work / "killed"
+    proc = subprocess.Popen(command(zero2_args(work, "killed"), 2), cwd=REPO, env=environment(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (killed_dir / f"checkpoint-{kill_at}").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert proc.poll() is None, "the run finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    interrupted = [p.name for p in killed_dir.glob("checkpoint-*") if missing_parts(str(p))]
+    resumed_from = latest_complete_checkpoint(str(killed_dir))
+    step = int(resumed_from.rsplit("-", 1)[1])
+    assert 2 <= step < 8
+
+    resumed = launch(zero2_args(work, "killed", "--resume_from_checkpoint", "auto"), procs=2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert f"continuing from {resumed_from}" in resumed.stderr
+    a, b = adapter(work / "full"), adapter(killed_dir)
+    assert any("multi_modal_projector" in k for k in a)  # the trained projector is saved with the adapter
+    assert same_weights(a, b, atol=1e-6)
+    first, again = losses(work / "full"), losses(killed_dir)
+    assert sorted(again) == list(range(1, 9))
+    for s in range(1, 9):
+        assert again[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
+    print(f"killed {delay:.2f} s after checkpoint-{kill_at} appeared (interrupted saves: {interrupted}); resumed from "
+          f"checkpoint-{step} to the same weights and losses")
+
+
+@pytest.mark.slow
+def test_zero2_ranks_agree_to_skip_a_nan_on_one_rank_and_stop_together(work):
+    """Only rank 0's loss is poisoned (steps 2, 3): both ranks must skip, or DeepSpeed's collectives would hang."""
+    out = work / "z2_nan"
+    proc = launch(zero2_args(work, "z2_nan", "--max_steps", "6", "--save_steps", "1",
+                             "--guards.max_consecutive_nonfinite", "2"), procs=2, timeout=300,
+                  MILORA_POISON_LOSS_STEPS="2,3")
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert "2 non-finite steps in a row" in proc.stderr and "step 3: loss nan (rank 0)" in proc.stderr
+    assert missing_parts(str(out / "checkpoint-3")) == [] and not (out / "checkpoint-4").exists()
+    w1, w3 = adapter(out / "checkpoint-1"), adapter(out / "checkpoint-3")
+    assert same_weights(w1, w3)  # neither rank stepped on the poisoned steps
+
+
+@pytest.mark.slow
+def test_zero2_bad_records_over_the_limit_stop_every_rank(work):
+    """Over guards.max_skip_fraction: a clear error naming counts by reason and records, on every rank."""
+    proc = launch(zero2_args(work, "z2_over", "--data.train_file", str(work / "bad.jsonl"), "--max_steps", "4",
+                             "--guards.max_skip_fraction", "0.05"), procs=2, timeout=300)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    msg = proc.stderr[proc.stderr.index("train_vlm: stopped:"):]
+    assert "guards.max_skip_fraction" in msg and "By reason:" in msg and "bad.jsonl:line" in msg
+    assert any(r in msg for r in ("missing_image", "corrupt_image", "bad_conversations"))
+
+
+@pytest.mark.parametrize("ds, words", [
+    ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, "offload_param needs zero_optimization.stage 3"),
+    ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer needs"),
+    ({"zero_optimization": {"stage": 4}}, "stage 4 is not one of"),
+    ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}, "bf16": {"enabled": True}}, "both enabled"),
+])
+def test_impossible_zero_settings_fail_before_loading_anything(tmp_path, ds, words):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=words):
+        load_recipe(REPO / ZERO2, [("model.path", str(tmp_path / "m")), ("data.train_file", str(tmp_path / "t.jsonl")),
+                                   ("output_dir", str(tmp_path / "o")), ("deepspeed", str(path))])
