@@ -1,7 +1,8 @@
-"""Fault tolerance (milora_vlm.train.guards, checkpoint.SAVING_MARKER): bad records over / under
+"""Fault tolerance (milora_vlm.train.guards, milora_vlm.train.checkpoint): bad records over / under
 guards.max_skip_fraction, NaN losses skipped and, N in a row, stopping the run with a checkpoint of the last good
-state; interrupted saves never resumed; a 2-process ZeRO-2 run killed with SIGKILL after a checkpoint and resumed
-with `auto` ends where an uninterrupted run ends.
+state and an error naming the batches' records; saves staged and renamed into place, so a killed save is never
+resumed; 2-process ZeRO-2 and ZeRO-3 runs killed with SIGKILL and resumed with `auto` end where an uninterrupted
+run ends.
 
 Runs are shared between tests through module fixtures (each launch costs seconds to tens of seconds on 2 cores).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,8 @@ import torch
 from safetensors.torch import load_file
 
 from milora_vlm.config import ConfigError, load_recipe
-from milora_vlm.train.checkpoint import SAVING_MARKER, begin_save, end_save, latest_complete_checkpoint, missing_parts
+from milora_vlm.train.checkpoint import (STAGING_DIR, checkpoints, clear_staging, latest_complete_checkpoint, missing_parts,
+                                         publish, staging_dir)
 from milora_vlm.train.guards import TrainingStopped, check_skip_fraction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,21 +105,71 @@ def test_guards_keys_are_checked(tmp_path):
             load_recipe(REPO / ZERO2, base + [(key, value)])
 
 
+def write_checkpoint_files(path: Path, tag: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt"):
+        (path / name).write_bytes(tag.encode())
+    (path / "milora_recipe.yaml").write_text("{}")
+    (path / "trainer_state.json").write_text("{}")
+
+
+# A save as MiLoRATrainer._save_checkpoint does it (every file into the staging folder, then publish's renames),
+# SIGKILLed once every file is written and before any rename, or between publish's two renames (the older
+# checkpoint-N of that name moved aside, the new one not yet in place). Plain Python: it starts in a blink.
+_SAVER = """
+import os, sys, time
+staged, target, stop_after = sys.argv[1:]
+os.makedirs(staged)
+for name in ("adapter_model.safetensors", "optimizer.pt", "milora_recipe.yaml", "trainer_state.json"):
+    with open(os.path.join(staged, name), "w") as f:
+        f.write("{}")
+if stop_after == "moved aside":
+    os.replace(target, os.path.join(os.path.dirname(staged), "replaced-" + os.path.basename(target)))
+print(stop_after, flush=True)
+time.sleep(600)
+"""
+
+
+def kill_saver(out: Path, name: str, stop_after: str) -> None:
+    staged = Path(staging_dir(str(out))) / name
+    proc = subprocess.Popen([sys.executable, "-c", _SAVER, str(staged), str(out / name), stop_after],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == stop_after
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def test_interrupted_save_is_never_resumed(tmp_path):
     out = tmp_path / "out"
     for step in (2, 4):
-        ckpt = out / f"checkpoint-{step}"
-        begin_save(str(ckpt))
-        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
-        (ckpt / "milora_recipe.yaml").write_text("{}")
-        (ckpt / "trainer_state.json").write_text("{}")
-        (ckpt / "optimizer.pt").write_bytes(b"x")
-        if step == 2:
-            end_save(str(ckpt))
-    # checkpoint-4 has every file but its save never finished (e.g. another rank's RNG state was still coming)
-    assert missing_parts(str(out / "checkpoint-4")) == [f"a finished save ({SAVING_MARKER} is still there: the save was interrupted)"]
-    assert missing_parts(str(out / "checkpoint-2")) == []
-    assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+        write_checkpoint_files(Path(staging_dir(str(out))) / f"checkpoint-{step}", f"step {step}")
+        publish(str(Path(staging_dir(str(out))) / f"checkpoint-{step}"), str(out / f"checkpoint-{step}"))
+    assert missing_parts(str(out / "checkpoint-4")) == [] and not list(Path(staging_dir(str(out))).iterdir())
+
+    # killed after every rank wrote checkpoint-6, before the rename: only the staging folder holds it
+    kill_saver(out, "checkpoint-6", "written")
+    assert missing_parts(str(out / STAGING_DIR / "checkpoint-6")) == [] and not (out / "checkpoint-6").exists()
+    assert [s for s, _ in checkpoints(str(out))] == [2, 4]
+    assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
+
+    # a run that resumed from checkpoint-2 saves checkpoint-4 again (after clearing the leftovers, as every save
+    # does); killed between the renames: no checkpoint-4 at all, so `auto` takes checkpoint-2
+    clear_staging(str(out))
+    assert not (out / STAGING_DIR).exists()
+    kill_saver(out, "checkpoint-4", "moved aside")
+    assert not (out / "checkpoint-4").exists() and latest_complete_checkpoint(str(out)) == str(out / "checkpoint-2")
+
+    # replacing an existing checkpoint-N (with leftovers of a killed save still in the staging folder)
+    write_checkpoint_files(Path(staging_dir(str(out))) / "checkpoint-2", "again")
+    publish(str(Path(staging_dir(str(out))) / "checkpoint-2"), str(out / "checkpoint-2"))
+    assert (out / "checkpoint-2" / "optimizer.pt").read_text() == "again"
+    assert sorted(p.name for p in (out / STAGING_DIR).iterdir()) == ["checkpoint-4", "replaced-checkpoint-4"]
+    # other damage is still caught by the completeness check
+    (out / "checkpoint-2" / "optimizer.pt").unlink()
+    assert missing_parts(str(out / "checkpoint-2")) == ["optimizer state (DeepSpeed `latest` or optimizer.pt)"]
+    assert latest_complete_checkpoint(str(out)) is None
 
 
 # ---- single-process runs: bad records and NaN losses -----------------------------------------------------------------
@@ -159,11 +212,32 @@ def nan_run(work):
     return proc, work / "nan"
 
 
-def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(nan_run):
+def file_ids(path) -> set[str]:
+    return {json.loads(line)["id"] for line in Path(path).read_text().splitlines()}
+
+
+def named_batches(text: str) -> dict[int, dict[int, list[str]]]:
+    """{step: {rank: [record ids]}} from the guard's "step N: ...; batches: rank 0 [a, b], rank 1 [...]" entries."""
+    found = {}
+    for step, batches in re.findall(r"step (\d+): [^|]*?; batches: ((?:rank \d+ \[[^\]]*\](?:, )?)+)", text):
+        found[int(step)] = {int(r): ids.split(", ") if ids else [] for r, ids in re.findall(r"rank (\d+) \[([^\]]*)\]", batches)}
+    return found
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(nan_run, work):
     proc, out = nan_run
     assert proc.returncode == 3, proc.stderr[-4000:]
-    assert "2 non-finite steps in a row" in proc.stderr and "step 4: loss nan" in proc.stderr and "step 5: loss nan" in proc.stderr
-    assert "skipped a non-finite step (1 in a row, 1 in all): step 2" in proc.stderr
+    stop = proc.stderr[proc.stderr.index("train_vlm: stopped:"):]
+    assert "2 non-finite steps in a row" in stop and "steps 4-5 non-finite" in stop
+    assert "step 4: loss nan (rank 0)" in stop and "step 5: loss nan (rank 0)" in stop
+    assert "skipped a non-finite step (1 in a row, 1 in all): step 2: loss nan" in proc.stderr
+    # the error names the records of both poisoned batches (4 each; bad records are never in a batch)
+    named = named_batches(stop)
+    usable = file_ids(work / "bad.jsonl") - {"deleted", "corrupt", "empty"}
+    assert sorted(named) == [4, 5] and all(list(b) == [0] for b in named.values()), stop
+    assert all(len(b[0]) == 4 and set(b[0]) <= usable for b in named.values()), stop
+    step2 = named_batches(proc.stderr[proc.stderr.index("(1 in a row, 1 in all): step 2"):].splitlines()[0])
+    assert len(step2[2][0]) == 4 and set(step2[2][0]) <= usable
     ckpts = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert ckpts == [1, 2, 3, 4, 5]  # stopped at step 5, with a checkpoint of it
     assert all(missing_parts(str(out / f"checkpoint-{s}")) == [] for s in ckpts)
@@ -183,29 +257,29 @@ def test_bad_records_under_the_limit_are_counted_and_named(nan_run, work):
     assert "skipped record" in proc.stderr and "bad.jsonl:line" in proc.stderr and "(id deleted)" in proc.stderr
 
 
-# ---- 2-process ZeRO-2: SIGKILL and resume ------------------------------------------------------------------------
+# ---- 2 processes, ZeRO-2 and ZeRO-3: SIGKILL and resume, NaN on one rank -----------------------------------------
 
-def zero2_args(work, name: str, *extra: str) -> list[str]:
-    return ["--config", ZERO2, "--model.path", str(work / "llava"), "--data.image_folder", str(work / "images"),
+ZERO3 = "configs/tiny/llava_milora_zero3.yaml"
+
+
+def zero2_args(work, name: str, *extra: str, config: str = ZERO2, steps: int = 8) -> list[str]:
+    return ["--config", config, "--model.path", str(work / "llava"), "--data.image_folder", str(work / "images"),
             "--data.train_file", str(work / "shapes.jsonl"), "--output_dir", str(work / name), "--seed", "0",
-            "--max_steps", "8", "--save_steps", "2", "--save_total_limit", "10", *extra]
+            "--max_steps", str(steps), "--save_steps", "2", "--save_total_limit", "10", *extra]
 
 
-@pytest.mark.slow
-def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(work):
-    full = launch(zero2_args(work, "full"), procs=2)
-    assert full.returncode == 0, full.stderr[-4000:]
+def zero3_args(work, name: str, *extra: str) -> list[str]:
+    return zero2_args(work, name, *extra, config=ZERO3, steps=6)
 
-    # The same run, SIGKILLed (whole process group: launcher and both ranks) once checkpoint-K (K random, after a
-    # first complete checkpoint) appears, after a random delay: anywhere from inside that save to the next steps.
-    rng = random.Random(int(os.environ.get("FAULT_SEED", os.getpid())))
-    kill_at, delay = rng.choice([4, 6]), rng.uniform(0.0, 0.8)
-    killed_dir = work / "killed"
-    proc = subprocess.Popen(command(zero2_args(work, "killed"), 2), cwd=REPO, env=environment(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def kill_when(args: list[str], out: Path, trigger: str, delay: float) -> None:
+    """Run 2 processes and SIGKILL all of them (launcher and both ranks: the whole process group) `delay` seconds
+    after out/trigger appears."""
+    proc = subprocess.Popen(command(args, 2), cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while not (killed_dir / f"checkpoint-{kill_at}").exists():
+        while not (out / trigger).exists():
             assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
             time.sleep(0.02)
         time.sleep(delay)
@@ -213,37 +287,87 @@ def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(wo
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    interrupted = [p.name for p in killed_dir.glob("checkpoint-*") if missing_parts(str(p))]
-    resumed_from = latest_complete_checkpoint(str(killed_dir))
-    step = int(resumed_from.rsplit("-", 1)[1])
-    assert 2 <= step < 8
 
-    resumed = launch(zero2_args(work, "killed", "--resume_from_checkpoint", "auto"), procs=2)
+
+def resume_and_compare(args: list[str], full: Path, killed: Path, steps: int) -> int:
+    """Resume the killed run with `auto`: it must end with the uninterrupted run's weights and loss curve."""
+    resumed_from = latest_complete_checkpoint(str(killed))
+    step = int(resumed_from.rsplit("-", 1)[1])
+    assert 2 <= step < steps
+    resumed = launch([*args, "--resume_from_checkpoint", "auto"], procs=2)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"continuing from {resumed_from}" in resumed.stderr
-    a, b = adapter(work / "full"), adapter(killed_dir)
+    assert not (killed / STAGING_DIR).exists() or not list((killed / STAGING_DIR).iterdir())  # leftovers cleared
+    a, b = adapter(full), adapter(killed)
     assert any("multi_modal_projector" in k for k in a)  # the trained projector is saved with the adapter
     assert same_weights(a, b, atol=1e-6)
-    first, again = losses(work / "full"), losses(killed_dir)
-    assert sorted(again) == list(range(1, 9))
-    for s in range(1, 9):
+    first, again = losses(full), losses(killed)
+    assert sorted(again) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
         assert again[s] == pytest.approx(first[s], rel=1e-5, abs=1e-6), s
-    print(f"killed {delay:.2f} s after checkpoint-{kill_at} appeared (interrupted saves: {interrupted}); resumed from "
-          f"checkpoint-{step} to the same weights and losses")
+    return step
+
+
+def fault_rng() -> random.Random:
+    seed = int(os.environ.get("FAULT_SEED", os.getpid()))
+    print(f"FAULT_SEED={seed}")
+    return random.Random(seed)
 
 
 @pytest.mark.slow
-def test_zero2_ranks_agree_to_skip_a_nan_on_one_rank_and_stop_together(work):
-    """Only rank 0's loss is poisoned (steps 2, 3): both ranks must skip, or DeepSpeed's collectives would hang."""
-    out = work / "z2_nan"
-    proc = launch(zero2_args(work, "z2_nan", "--max_steps", "6", "--save_steps", "1",
-                             "--guards.max_consecutive_nonfinite", "2"), procs=2, timeout=300,
-                  MILORA_POISON_LOSS_STEPS="2,3")
-    assert proc.returncode != 0, proc.stderr[-4000:]
-    assert "2 non-finite steps in a row" in proc.stderr and "step 3: loss nan (rank 0)" in proc.stderr
+def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(work):
+    full = launch(zero2_args(work, "full"), procs=2)
+    assert full.returncode == 0, full.stderr[-4000:]
+    # killed once checkpoint-K (K random, after a first complete checkpoint) is in place, after a random delay:
+    # anywhere in the next steps or the next save
+    rng = fault_rng()
+    kill_at, delay = rng.choice([4, 6]), rng.uniform(0.0, 0.8)
+    kill_when(zero2_args(work, "killed"), work / "killed", f"checkpoint-{kill_at}", delay)
+    step = resume_and_compare(zero2_args(work, "killed"), work / "full", work / "killed", 8)
+    print(f"killed {delay:.2f} s after checkpoint-{kill_at} appeared; resumed from checkpoint-{step} to the same "
+          "weights and losses")
+
+
+@pytest.mark.slow
+def test_zero3_killed_in_or_after_a_save_resumes_to_the_same_weights_and_losses(work):
+    full = launch(zero3_args(work, "z3_full"), procs=2)
+    assert full.returncode == 0, full.stderr[-4000:]
+    # killed a random delay after the save of checkpoint-4 began (its staging folder appeared): inside that save
+    # (every rank writing its ZeRO-3 shards; the rename not done yet) or in steps 5-6; `auto` must then take
+    # checkpoint-2 or checkpoint-4, never a half-written one
+    delay = fault_rng().uniform(0.0, 0.25)
+    killed = work / "z3_killed"
+    kill_when(zero3_args(work, "z3_killed"), killed, f"{STAGING_DIR}/checkpoint-4", delay)
+    in_save = not (killed / "checkpoint-4").exists()
+    step = resume_and_compare(zero3_args(work, "z3_killed"), work / "z3_full", killed, 6)
+    assert step == (2 if in_save else 4)
+    print(f"killed {delay:.2f} s after the save of checkpoint-4 began ({'inside' if in_save else 'after'} the save); "
+          f"resumed from checkpoint-{step} to the same weights and losses")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_ranks_agree_to_skip_a_nan_on_one_rank_and_stop_together(work, zero):
+    """Only rank 0's loss is poisoned (steps 2, 3): both ranks must skip, or DeepSpeed's collectives would hang; the
+    error names both ranks' batches."""
+    name = f"z{zero}_nan"
+    out = work / name
+    args = (zero2_args if zero == 2 else zero3_args)(work, name, "--max_steps", "4", "--save_steps", "1",
+                                                    "--guards.max_consecutive_nonfinite", "2")
+    proc = launch(args, procs=2, timeout=300, MILORA_POISON_LOSS_STEPS="2,3")
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    stop = proc.stderr[proc.stderr.index("train_vlm: stopped:"):].splitlines()[0]
+    assert "2 non-finite steps in a row" in stop and "steps 2-3 non-finite" in stop
+    assert "step 3: loss nan (rank 0)" in stop and "(rank 1)" not in stop  # rank 1's loss was fine
+    named, ids = named_batches(stop), file_ids(work / "shapes.jsonl")
+    assert sorted(named) == [2, 3], stop
+    for step, by_rank in named.items():
+        assert sorted(by_rank) == [0, 1] and all(len(b) == 4 and set(b) <= ids for b in by_rank.values()), stop
+        assert not set(by_rank[0]) & set(by_rank[1])  # each rank's own batch
     assert missing_parts(str(out / "checkpoint-3")) == [] and not (out / "checkpoint-4").exists()
     w1, w3 = adapter(out / "checkpoint-1"), adapter(out / "checkpoint-3")
     assert same_weights(w1, w3)  # neither rank stepped on the poisoned steps
+    assert not any(p.name == "adapter_model.safetensors" for p in out.iterdir())
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Training helpers that need no training run: resume resolution, checkpoint completeness, loss-curve PNG,
-skip totals, bootstrap data."""
+skip totals, bootstrap data, the record ids that batches carry and the non-finite guard's report of them."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pytest
 import yaml
 
 from milora_vlm.config import RECIPE_FILENAME, ConfigError, build_recipe
-from milora_vlm.data.collator import BatchSkips
-from milora_vlm.data.dataset import SkipRecord
+from milora_vlm.data.collator import SKIPS_KEY, BatchSkips, ConversationCollator
+from milora_vlm.data.dataset import ConversationDataset, SkipRecord
 from milora_vlm.train.bootstrap import instruction_records, shapes_records
 from milora_vlm.train.callbacks import save_loss_curve
 from milora_vlm.train.checkpoint import check_resume_compatible, latest_complete_checkpoint, missing_parts, resolve_resume
+from milora_vlm.train.guards import NonFiniteGuard, TrainingStopped
 from milora_vlm.train.skips import SkipCounter
 
 
@@ -97,3 +98,58 @@ def test_bootstrap_data_is_deterministic_and_mixed(tmp_path):
     assert all(r["conversations"][0]["value"].startswith("<image>\n") for r in with_image)
     inst = instruction_records(random.Random(0))
     assert all(len(r["conversations"]) == 2 and "image" not in r for r in inst)
+
+
+def test_batches_name_their_records_by_id_or_file_line(tmp_path, tiny_tokenizer):
+    turns = [{"from": "human", "value": "What color?"}, {"from": "gpt", "value": "red"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "conversations": turns},
+        {"id": "bad", "conversations": []},  # skipped: its sample is the next record's
+        {"conversations": turns},  # no id: named by file:line
+        {"id": 7, "conversations": turns},
+    ]) + "\n")
+    ds = ConversationDataset(str(path), tiny_tokenizer, "vicuna_v1", 512)
+    batch = ConversationCollator(pad_token_id=0)([ds[0], ds[1], ds[3]])
+    skips = batch[SKIPS_KEY]
+    assert skips.records == ["a", f"{path}:line 3", "7"]
+    assert [s.record_id for s in skips.skipped] == ["bad"] and skips.samples == 4
+
+
+class _Control:
+    should_save = should_training_stop = False
+
+
+class _State:
+    global_step = 0
+
+
+def _step(guard, state, records, loss=1.0, norm=1.0):
+    import torch
+
+    state.global_step += 1
+    guard.note_batch(records)
+    if guard.loss_is_finite(torch.tensor(loss), state.global_step):
+        guard.grad_norm_is_finite(norm, state.global_step)
+    control = _Control()
+    guard.on_step_end(None, state, control)
+    return control
+
+
+def test_nonfinite_guard_names_the_batches_of_the_streak():
+    guard, state = NonFiniteGuard(2, judge_grads=True), _State()
+    assert not _step(guard, state, ["a", "b"]).should_training_stop
+    assert not _step(guard, state, ["c"], loss=float("nan")).should_training_stop  # step 2: skipped, streak of 1
+    assert not _step(guard, state, ["d"]).should_training_stop  # a good step ends the streak
+    assert guard.run == [] and guard.skipped_total == 1
+    guard.note_batch(["e1"])  # gradient accumulation: two micro-batches in step 4
+    control = _step(guard, state, ["e2"], loss=float("inf"))
+    assert not control.should_training_stop and guard.run == ["step 4: loss inf (rank 0); batches: rank 0 [e1, e2]"]
+    control = _step(guard, state, ["f"], norm=float("nan"))
+    assert control.should_training_stop and control.should_save and guard.skipped_total == 3
+    with pytest.raises(TrainingStopped) as e:
+        guard.raise_if_tripped("out", 5)
+    msg = str(e.value)
+    assert ("2 non-finite steps in a row (guards.max_consecutive_nonfinite 2): steps 4-5 non-finite: "
+            "step 4: loss inf (rank 0); batches: rank 0 [e1, e2] | step 5: gradient norm nan; batches: rank 0 [f]") in msg
+    assert "checkpoint-5" in msg and "[c]" not in msg  # step 2 was not part of the streak

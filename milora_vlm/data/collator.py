@@ -16,16 +16,19 @@ import torch
 from .dataset import SkipRecord
 from .templates import IGNORE_INDEX
 
-# Batch key carrying the skipped records to the trainer (popped before the model sees the batch).
+# Batch key carrying the skipped records (and the ids of those used) to the trainer (popped before the model sees
+# the batch).
 SKIPS_KEY = "skipped_samples"
 
 
 @dataclass
 class BatchSkips:
-    """What the batch stands for: `samples` records were looked at, `skipped` of them could not be used."""
+    """What the batch stands for: `samples` records were looked at, `skipped` of them could not be used; `records`
+    names the ones the batch's rows came from, in row order (their id, or file:line), for the non-finite guard."""
 
     samples: int
     skipped: list[SkipRecord] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,5 +76,6 @@ class ConversationCollator:
                 input_ids[row, n : n + take] = self.image_token_id
                 remaining -= take
             batch["pixel_values"] = torch.zeros((1, *self.image_shape))
-        batch[SKIPS_KEY] = BatchSkips(samples=len(features) + len(skipped), skipped=skipped)
+        records = [str(f["record"]) for f in features if "record" in f]
+        batch[SKIPS_KEY] = BatchSkips(samples=len(features) + len(skipped), skipped=skipped, records=records)
         return batch

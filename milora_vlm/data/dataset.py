@@ -7,6 +7,8 @@ after truncation, image cut by truncation, missing or corrupt image, bad roles, 
 -100: the dataset moves on to the next record and returns, with the sample it did use, a `SkipRecord` for each
 record it passed over (file:line, id, reason, detail). The collator forwards them in the batch and the trainer
 counts them (milora_vlm.train.skips), so the counts survive dataloader worker processes and add up across ranks.
+Each sample also names the record it came from (`record`: its id, or file:line when it has none), so the trainer
+can say which records made up a batch whose loss or gradients went non-finite (milora_vlm.train.guards).
 """
 
 from __future__ import annotations
@@ -121,13 +123,14 @@ class ConversationDataset(Dataset):
         for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
             j = (i + attempt) % n
             rec = json.loads(self._raw[j])
+            rid = rec.get("id")
             try:
                 sample = self.encode(rec)
             except SkipSample as e:
-                rid = rec.get("id")
                 skipped.append(SkipRecord(e.reason, e.detail, self._where(self._pos[j]), None if rid is None else str(rid)))
                 continue
             sample["skipped"] = skipped
+            sample["record"] = self._where(self._pos[j]) if rid is None else str(rid)
             return sample
         raise RuntimeError(
             f"{self.path}: {len(skipped)} records in a row from {skipped[0].where} could not be trained on; "

@@ -6,9 +6,11 @@ last by the Trainer) and the optimizer state (DeepSpeed's `latest` + its global_
 `auto` picks the highest complete one and starts fresh when there is none.
 
 Saving is not atomic in the Trainer (every rank writes its own files into checkpoint-N; rank 0's trainer state may
-land before another rank's RNG state), so MiLoRATrainer puts SAVING_MARKER into checkpoint-N before any rank writes
-and removes it (one atomic unlink) only after every rank has finished. A save killed at any point leaves the
-marker, which `missing_parts` reports and `auto` passes over.
+land before another rank's RNG state), so MiLoRATrainer has every rank write into OUTPUT/.saving/checkpoint-N
+(STAGING_DIR) and, once all have finished, moves it to OUTPUT/checkpoint-N with one rename (`publish`). A save
+killed at any point never leaves a half-written checkpoint-N; what it left in .saving is never looked at by `auto`
+(only checkpoint-N folders count) and is removed by the next save (`clear_staging`). `missing_parts` still catches
+other damage (files deleted by hand, a disk that filled up).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from typing import Optional
 
 import yaml
@@ -25,7 +28,7 @@ from milora_vlm.config import RECIPE_FILENAME, RESUME_AUTO, ConfigError, Recipe
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-SAVING_MARKER = "SAVE_IN_PROGRESS"
+STAGING_DIR = ".saving"  # under output_dir; hidden, and not a checkpoint-N name, so nothing resumes from it
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 
 
@@ -37,8 +40,6 @@ def missing_parts(path: str) -> list[str]:
     for name in (RECIPE_FILENAME, "trainer_state.json"):
         if not os.path.isfile(os.path.join(path, name)):
             missing.append(name)
-    if os.path.exists(os.path.join(path, SAVING_MARKER)):
-        missing.append(f"a finished save ({SAVING_MARKER} is still there: the save was interrupted)")
     latest = os.path.join(path, "latest")
     if os.path.isfile(latest):  # DeepSpeed: `latest` names the tag folder holding model + optimizer shards
         with open(latest, encoding="utf-8") as f:
@@ -50,16 +51,41 @@ def missing_parts(path: str) -> list[str]:
     return missing
 
 
-def begin_save(path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, SAVING_MARKER), "w", encoding="utf-8") as f:
-        f.write("checkpoint being written; removed when every rank has finished\n")
-        f.flush()
-        os.fsync(f.fileno())
+def staging_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, STAGING_DIR)
 
 
-def end_save(path: str) -> None:
-    os.remove(os.path.join(path, SAVING_MARKER))
+def clear_staging(output_dir: str) -> None:
+    """Remove what killed saves left in the staging folder (one process per filesystem, before a save starts)."""
+    shutil.rmtree(staging_dir(output_dir), ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def publish(staged: str, target: str) -> None:
+    """Move a finished checkpoint folder from the staging folder to its place, replacing an older one of that name.
+
+    A directory rename cannot replace a non-empty directory, so an existing target is first moved aside into the
+    staging folder (a kill in between leaves no checkpoint-N at all: `auto` takes an older one), then removed.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    old = None
+    if os.path.lexists(target):
+        old = os.path.join(os.path.dirname(staged), f"replaced-{os.path.basename(target)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(staged, target)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoints(output_dir: str) -> list[tuple[int, str]]:

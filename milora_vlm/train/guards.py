@@ -7,8 +7,9 @@
   optimizer update and no DeepSpeed step); outside fp16 a step whose gradient norm is NaN/inf is skipped as well
   (its gradients are dropped; DeepSpeed's ZeRO optimizer already skips a step with an invalid norm). In fp16
   DeepSpeed's loss scaler owns overflow skips (several in a row are normal while the scale settles), so only the
-  loss is judged there. `max_consecutive_nonfinite` such steps in a row save a checkpoint of the last good state
-  (skipped steps changed nothing) and stop the run with an error naming the steps.
+  loss is judged there. Each skipped step is counted and logged with the ids of the records in every rank's
+  batches; `max_consecutive_nonfinite` such steps in a row save a checkpoint of the last good state (skipped steps
+  changed nothing) and stop the run with an error naming the steps and those batches.
 
 The Trainer has no hook to skip a backward, so MiLoRATrainer asks `NonFiniteGuard.loss_is_finite` in compute_loss
 and leaves out the backward itself (milora_vlm.train.trainer).
@@ -68,55 +69,85 @@ def poisoned_steps() -> set[int]:
 
 
 class NonFiniteGuard(TrainerCallback):
-    """Counts skipped non-finite steps; N in a row ask the Trainer to save and stop (then `raise_if_tripped`)."""
+    """Counts skipped non-finite steps; N in a row ask the Trainer to save and stop (then `raise_if_tripped`).
+
+    The trainer hands it each micro-batch's record ids (`note_batch`); for a skipped step every rank's ids and
+    reasons are gathered, so rank 0's warning and the stopping error name every batch of the streak.
+    """
 
     def __init__(self, max_consecutive: int, judge_grads: bool):
         self.max_consecutive = max_consecutive
         self.judge_grads = judge_grads
         self.skipped_total = 0
-        self.run: list[str] = []  # the current streak: "step N: loss nan" ...
+        self.run: list[str] = []  # the current streak, one entry per step: "step N: loss nan (rank 0); batches: ..."
+        self.run_steps: list[int] = []
         self.tripped: list[str] | None = None
+        self.tripped_steps: list[int] = []
         self._bad_this_step: list[str] = []
+        self._records_this_step: list[str] = []
+        self._nonfinite_step = False
         self._poison = poisoned_steps()
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         return loss * float("nan") if step in self._poison and _rank() == 0 else loss
 
+    def note_batch(self, records) -> None:
+        self._records_this_step.extend(records)
+
     def loss_is_finite(self, loss: torch.Tensor, step: int) -> bool:
-        bad = _all_ranks_any(not bool(torch.isfinite(loss.detach()).all()), loss.device)
-        if bad:
+        here = not bool(torch.isfinite(loss.detach()).all())
+        bad = _all_ranks_any(here, loss.device)
+        if here:  # only the ranks whose loss went bad say so; the others skip because they agreed to
             self._bad_this_step.append(f"step {step}: loss {loss.detach().float().mean().item()} (rank {_rank()})")
+        self._nonfinite_step |= bad
         return not bad
 
     def grad_norm_is_finite(self, norm: float | None, step: int) -> bool:
         if not self.judge_grads or norm is None or math.isfinite(norm):
             return True
-        self._bad_this_step.append(f"step {step}: gradient norm {norm}")
+        self._bad_this_step.append(f"step {step}: gradient norm {norm}")  # a global norm: the same on every rank
+        self._nonfinite_step = True
         return False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._bad_this_step:
-            self.skipped_total += 1
-            self.run.append("; ".join(self._bad_this_step))
-            logger.warning("skipped a non-finite step (%d in a row, %d in all): %s", len(self.run),
-                           self.skipped_total, self.run[-1])
-            self._bad_this_step = []
-            if len(self.run) >= self.max_consecutive:
-                self.tripped = list(self.run)
-                control.should_save = True  # skipped steps changed nothing: this is the last good state
-                control.should_training_stop = True
-        else:
-            self.run = []
+        bad, reasons, records = self._nonfinite_step, self._bad_this_step, self._records_this_step
+        self._nonfinite_step, self._bad_this_step, self._records_this_step = False, [], []
+        if not bad:  # the same decision on every rank (agreed loss check, global gradient norm)
+            self.run, self.run_steps = [], []
+            return control
+        gathered = _gather((reasons, records))
+        reasons = list(dict.fromkeys(r for rank_reasons, _ in gathered for r in rank_reasons))
+        batches = ", ".join(f"rank {i} [{', '.join(ids)}]" for i, (_, ids) in enumerate(gathered))
+        self.skipped_total += 1
+        self.run.append(f"{'; '.join(reasons)}; batches: {batches}")
+        self.run_steps.append(state.global_step)
+        logger.warning("skipped a non-finite step (%d in a row, %d in all): %s", len(self.run), self.skipped_total,
+                       self.run[-1])
+        if len(self.run) >= self.max_consecutive:
+            self.tripped, self.tripped_steps = list(self.run), list(self.run_steps)
+            control.should_save = True  # skipped steps changed nothing: this is the last good state
+            control.should_training_stop = True
         return control
 
     def raise_if_tripped(self, output_dir: str, step: int) -> None:
         if self.tripped is not None:
+            first, last = self.tripped_steps[0], self.tripped_steps[-1]
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
             raise TrainingStopped(
                 f"{len(self.tripped)} non-finite steps in a row (guards.max_consecutive_nonfinite "
-                f"{self.max_consecutive}): {' | '.join(self.tripped)}. The last good state is saved as "
-                f"{os.path.join(output_dir, f'checkpoint-{step}')}; lower the learning rate or check those batches, "
+                f"{self.max_consecutive}): {steps} non-finite: {' | '.join(self.tripped)}. The last good state is saved "
+                f"as {os.path.join(output_dir, f'checkpoint-{step}')}; lower the learning rate or check those batches, "
                 "then resume with --resume_from_checkpoint auto."
             )
+
+
+def _gather(obj) -> list:
+    """obj from every rank, in rank order (a collective: every rank must call it at the same point)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def _rank() -> int:

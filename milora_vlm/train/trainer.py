@@ -9,7 +9,10 @@
 - skipped records: popped from each batch and counted (milora_vlm.train.skips); totals join every log line.
 - sampler: LLaVA's modality/length grouping when data.group_by_modality_length is set.
 - guards (milora_vlm.train.guards): a non-finite loss skips the backward (so the step changes nothing), a
-  non-finite gradient norm drops the step's gradients; too many skipped records stop the run at a log step.
+  non-finite gradient norm drops the step's gradients; the records of each batch are passed to the guard so that
+  it can name them; too many skipped records stop the run at a log step.
+- checkpoints are written into a staging folder and renamed into place once every rank has finished
+  (milora_vlm.train.checkpoint), so `--resume_from_checkpoint auto` never meets a half-written one.
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ import os
 
 import torch
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import rotate_checkpoints
 
 from milora_vlm.config import Recipe
 from milora_vlm.data.collator import SKIPS_KEY
 
 from . import distributed
-from .checkpoint import begin_save, end_save
+from .checkpoint import clear_staging, publish, staging_dir
 from .guards import NonFiniteGuard, check_skip_fraction
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
@@ -58,6 +62,7 @@ class MiLoRATrainer(Trainer):
         self.nonfinite = NonFiniteGuard(recipe.guards.max_consecutive_nonfinite, judge_grads=not self.args.fp16)
         self.add_callback(self.nonfinite)
         self._skip_backward = False
+        self._staging: str | None = None  # set while _save_checkpoint writes into the staging folder
         # The Trainer's training_step always runs the backward (and, under DeepSpeed, the engine's step inside it);
         # this wrapper is the smallest way to leave both out for a step whose loss is non-finite on some rank.
         backward = self.accelerator.backward
@@ -108,6 +113,8 @@ class MiLoRATrainer(Trainer):
             self.skip_counter.update(skips)
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if model.training:
+            if skips is not None:
+                self.nonfinite.note_batch(skips.records)
             step = self.state.global_step + 1
             loss = self.nonfinite.poison(out[0] if return_outputs else out, step)
             self._skip_backward = not self.nonfinite.loss_is_finite(loss, step)
@@ -169,16 +176,40 @@ class MiLoRATrainer(Trainer):
 
     # ---- saving --------------------------------------------------------------------------------------------
 
+    def _get_output_dir(self, trial) -> str:
+        # While _save_checkpoint runs, the Trainer's own save (every rank: weights, DeepSpeed shards, RNG states,
+        # trainer state) writes into the staging folder instead of output_dir.
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, bracketed by checkpoint.SAVING_MARKER so that a killed save is never resumed."""
-        path = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        """The Trainer's checkpoint, written into output_dir/.saving/checkpoint-N by every rank and renamed to
+        output_dir/checkpoint-N once all have finished (checkpoint.publish), so a killed save is never resumed."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = staging_dir(run_dir)
+        staged, target = os.path.join(staging, name), os.path.join(run_dir, name)
         if self.args.should_save:
-            begin_save(path)
-        distributed.barrier()  # the marker exists before any rank writes
-        super()._save_checkpoint(model, trial)
-        distributed.barrier()  # every rank's files (DeepSpeed shards, RNG state) are written
-        if self.args.should_save and os.path.isdir(path):  # save_total_limit may have rotated it away already
-            end_save(path)
+            clear_staging(run_dir)  # leftovers of a save killed in an earlier run
+            os.makedirs(staged)
+        distributed.barrier()  # the staging folder is fresh before any rank writes into it
+        push, self.args.push_to_hub = self.args.push_to_hub, False  # pushed below, from its final place
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)  # its checkpoint rotation only sees the staging folder
+        finally:
+            self._staging, self.args.push_to_hub = None, push
+        distributed.barrier()  # every rank's files are written
+        if self.state.best_model_checkpoint == staged:  # this checkpoint is the best so far: name its real place
+            self.state.best_model_checkpoint = target
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        if self.args.should_save:
+            publish(staged, target)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        distributed.barrier()  # no rank goes on (or reads the checkpoint) before it is in place
+        if push:
+            self._push_from_checkpoint(target)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         from peft import PeftModel
