@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="model_id written with each answer (default: the model dir's name)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment (_world)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 

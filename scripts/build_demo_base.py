@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if --output holds a finished base model")
     p.add_argument("--logging-dir", help="TensorBoard folder for the stage-0 losses")
     for f in dataclasses.fields(BaseModelSpec):  # every size / schedule setting, e.g. --vision-epochs 4
+        flag = f"--{f.name.replace('_', '-')}"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f"default {f.default}")
+            continue
         kind = int if f.type in ("int", "int | None") else float if f.type == "float" else str
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default, help=f"default {f.default}")
+        p.add_argument(flag, type=kind, default=f.default, help=f"default {f.default}")
     return p
 
 

@@ -6,12 +6,15 @@ its shape) in one *form* (open "what ...?" or yes/no), so each falls in one of f
 color_open, color_yesno, shape_open, shape_yesno.
 
 For the learning-and-forgetting study the categories are grouped into two disjoint task families. The
-default split, "attribute", makes colour questions the "pretrained knowledge" (old) and shape questions the
-"new task": both families use the same question forms and share the yes/no answers, so a finetune on shapes
-competes directly with the colour skill (a model that forgets starts answering colour questions with
-shape-driven yes/no or with shape words), and the base model cannot answer the new family from its
-pretraining (it has never been asked about shapes). "question-type" (open vs yes/no) is kept for comparison;
-"none" writes one family with everything.
+default split, "open", makes the open colour questions the "pretrained knowledge" (old: "what color is the
+shape?" -> "red") and the open shape questions the "new task" ("what is the blue shape?" -> "circle"): the base
+model has never been asked about shapes (and never produced a shape word as an answer), both families share the
+question form, and a model that forgets starts answering colour questions with shape words.
+The yes/no questions are left out of the default because the demo's tiny base model does not learn them in the
+time the demo has (measured 2026-11-23: trained on the raw mix it answers every yes/no question with the majority
+answer of its form; on a yes/no-balanced mix its loss stayed at chance for 500 steps). "attribute" (old = all
+colour questions, new = all shape questions, training answers balanced), "question-type" (open vs yes/no) and
+"none" (one family with everything) are there for larger models.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CATEGORIES = ("color_open", "color_yesno", "shape_open", "shape_yesno")
 
 # family name -> categories; the first family is the "pretrained knowledge", the second the "new task".
 SPLITS: dict[str, dict[str, tuple[str, ...]]] = {
+    "open": {"old": ("color_open",), "new": ("shape_open",)},
     "attribute": {"old": ("color_open", "color_yesno"), "new": ("shape_open", "shape_yesno")},
     "question-type": {"old": ("color_open", "shape_open"), "new": ("color_yesno", "shape_yesno")},
     "none": {"all": CATEGORIES},
@@ -130,10 +134,8 @@ def image_labels(questions: list[Question]) -> tuple[dict[int, dict[str, str]], 
         if q.answer not in YES_NO:
             affirm(q, attr, q.answer)
             continue
-        words = re.findall(r"[a-z]+", q.text)
-        value = next(w for w in words if w in vocab[attr])
-        negated = "not" in words or "no" in words
-        if (q.answer == "yes") != negated:
+        value = next(w for w in re.findall(r"[a-z]+", q.text) if w in vocab[attr])
+        if (q.answer == "yes") != is_negated(q.text):
             affirm(q, attr, value)
         else:
             ruled_out.setdefault((q.image_id, attr), set()).add(value)
@@ -145,6 +147,36 @@ def image_labels(questions: list[Question]) -> tuple[dict[int, dict[str, str]], 
     for image_id in conflicts:
         labels.pop(image_id)
     return labels, sorted(conflicts.values())
+
+
+def is_negated(text: str) -> bool:
+    """'is there not a red shape?', 'is no circle present?': the answer means the opposite of the plain form's."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return "not" in words or "no" in words
+
+
+def balance_yes_no(questions: list[Question], rng: random.Random) -> tuple[list[Question], dict]:
+    """Within each yes/no category and polarity, keep as many "yes" as "no" answers (a seeded subset of the larger
+    side); other questions are kept. Returns (kept questions in their order, counts dropped per group).
+
+    Why: easy-VQA asks "is there a red shape?" mostly about colours the image does not have (8 colours), so "no"
+    is right 7 times in 8, and the reverse for the negated forms. Trained on the raw mix the demo's base model
+    learns that prior and never the comparison (measured: 100% on open colour questions, and exactly the
+    majority answer on every yes/no question, 86.5% on them). Balanced, the prior is worth nothing.
+    """
+    groups: dict[tuple[str, bool, str], list[int]] = {}
+    for i, q in enumerate(questions):
+        if q.answer in YES_NO:
+            groups.setdefault((q.category, is_negated(q.text), q.answer), []).append(i)
+    drop: set[int] = set()
+    dropped = {}
+    for (category, negated, answer), idx in sorted(groups.items()):
+        other = groups.get((category, negated, "no" if answer == "yes" else "yes"), [])
+        excess = len(idx) - len(other)
+        if excess > 0:
+            drop.update(rng.sample(idx, excess))
+            dropped[f"{category}/{'negated' if negated else 'plain'}/{answer}"] = excess
+    return [q for i, q in enumerate(questions) if i not in drop], dropped
 
 
 def _conversation(q: Question) -> dict:
@@ -176,28 +208,36 @@ def _write_jsonl(path: str, rows) -> None:
 
 def convert(
     output: str,
-    split_by: str = "attribute",
+    split_by: str = "open",
     seed: int = 0,
     max_train: int | None = None,
     max_eval: int | None = None,
     copy_images: bool = True,
+    balance: bool = True,
+    replay: float = 0.2,
 ) -> dict:
     """Write the demo's data to `output` and return its summary (also written as summary.json).
 
     Files: images/{train,test}/<id>.png; train_<family>.jsonl (LLaVA conversations); test_<family>.jsonl
     (eval questions: question_id, image, text, answer, category); image_labels.jsonl (image, split, shape,
     color, for the vision stage); summary.json. Image paths are relative to `output/images`.
-    `max_train` / `max_eval` cap each family's train / test questions with a seeded subset.
+    `max_train` / `max_eval` cap each family's train / test questions with a seeded subset. `balance`: the
+    training questions' yes/no answers are balanced first (balance_yes_no); the test questions keep the
+    package's own distribution. `replay` (two-family splits): also write train_new_replay.jsonl, the new family's
+    training questions plus a seeded sample of old-family training questions `replay` times as many, shuffled
+    (rehearsal; the demo trains on it, see the README for what happens without it).
     Deterministic: the same arguments write the same bytes.
     """
     if split_by not in SPLITS:
         raise ValueError(f"unknown split {split_by!r}; known: {sorted(SPLITS)}")
+    if not 0.0 <= replay <= 1.0:
+        raise ValueError(f"replay must be a fraction in [0, 1], got {replay}")
     for name, n in (("max_train", max_train), ("max_eval", max_eval)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
     families = SPLITS[split_by]
     os.makedirs(output, exist_ok=True)
-    summary: dict = {"source": "easy-vqa (PyPI, MIT licence)", "split_by": split_by, "seed": seed,
+    summary: dict = {"source": "easy-vqa (PyPI, MIT licence)", "split_by": split_by, "seed": seed, "balance": balance,
                      "max_train": max_train, "max_eval": max_eval, "families": {}, "skipped": {}}
     label_rows = []
     for split in ("train", "test"):
@@ -215,17 +255,37 @@ def convert(
         for fam, cats in families.items():
             # One RNG per (split, family): a family's subset does not depend on which other families exist.
             rng = random.Random(f"{seed}-{split}-{fam}")
-            chosen = _subset([q for q in questions if q.category in cats], cap, rng)
+            chosen = [q for q in questions if q.category in cats]
+            entry = summary["families"].setdefault(fam, {"categories": list(cats)})
+            if balance and split == "train":
+                chosen, entry["balance_dropped"] = balance_yes_no(chosen, rng)
+            chosen = _subset(chosen, cap, rng)
             path = os.path.join(output, f"{split}_{fam}.jsonl")
             _write_jsonl(path, (_conversation(q) if split == "train" else _eval_question(q) for q in chosen))
-            entry = summary["families"].setdefault(fam, {"categories": list(cats)})
             entry[split] = len(chosen)
             entry[f"{split}_per_category"] = dict(sorted(Counter(q.category for q in chosen).items()))
+    if replay > 0 and set(families) == {"old", "new"}:
+        summary["replay"] = write_replay(output, replay, seed)
     _write_jsonl(os.path.join(output, "image_labels.jsonl"), label_rows)
     summary["image_labels"] = dict(Counter(r["split"] for r in label_rows))
     with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def write_replay(output: str, fraction: float, seed: int) -> dict:
+    """train_new_replay.jsonl: train_new.jsonl plus round(fraction * len) old-family training records, shuffled."""
+    def read(name):
+        with open(os.path.join(output, name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    new, old = read("train_new.jsonl"), read("train_old.jsonl")
+    rng = random.Random(f"{seed}-replay")
+    k = min(len(old), round(fraction * len(new)))
+    mixed = new + rng.sample(old, k)
+    rng.shuffle(mixed)
+    _write_jsonl(os.path.join(output, "train_new_replay.jsonl"), mixed)
+    return {"fraction": fraction, "new": len(new), "old_replayed": k, "file": "train_new_replay.jsonl"}
 
 
 def format_summary(summary: dict) -> str:
@@ -234,9 +294,14 @@ def format_summary(summary: dict) -> str:
     for fam, e in summary["families"].items():
         cats = ", ".join(f"{c} {e['train_per_category'].get(c, 0)}/{e['test_per_category'].get(c, 0)}" for c in e["categories"])
         lines.append(f"  {fam:4s} train {e['train']:6d}  test {e['test']:5d}   ({cats}; train/test)")
+        if e.get("balance_dropped"):
+            lines.append(f"       yes/no balance dropped from train: {e['balance_dropped']}")
     for split, s in summary["skipped"].items():
         if s["questions"] or s["images_with_conflicting_labels"]:
             lines.append(f"  skipped in {split}: {s['questions']} questions, {s['images_with_conflicting_labels']} images; "
                          f"first: {s['details'][:3]}")
+    if summary.get("replay"):
+        r = summary["replay"]
+        lines.append(f"  {r['file']}: {r['new']} new + {r['old_replayed']} replayed old questions")
     lines.append(f"  image labels (shape, colour): {summary['image_labels']}")
     return "\n".join(lines)

@@ -40,10 +40,13 @@ _BASE_CORPUS = [
 ]
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_prefix_space: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer (any text encodes; nothing is ever <unk>) on `texts`."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # add_prefix_space=True encodes a word the same at the start of a text piece as inside a sentence (as
+    # LLaMA's sentencepiece does with its leading "▁"): an answer "circle" is then the token a caption's "a red
+    # circle" ends with, rather than a second token the model has never produced.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, *CHAT_SPECIAL_TOKENS]
     trainer = trainers.BpeTrainer(
