@@ -24,6 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from milora_vlm.milora import MiLoRAConfig, apply_milora, save_milora
 from milora_vlm.milora.offset import frozen_factors
 from milora_vlm.milora.targets import find_targets, full_weight, is_partitioned
+from milora_vlm.train.distributed import release_deepspeed_shm
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -64,6 +65,7 @@ def main() -> None:
     fields = json.loads(args.config)
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_deepspeed_shm()
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     dump(apply_milora(model, MiLoRAConfig(**fields)), out, "replicated")
