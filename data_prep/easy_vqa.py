@@ -18,7 +18,7 @@ import sys
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
-from milora_vlm.demo.easyvqa import SPLITS, convert, format_summary  # noqa: E402
+from milora_vlm.demo.easyvqa import DEFAULT_REPLAY, SPLITS, convert, format_summary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-balance", action="store_true",
                     help="keep the package's yes/no answer mix in the training files (default: balanced, see "
                          "milora_vlm/demo/easyvqa.py balance_yes_no)")
-    ap.add_argument("--replay", type=float, default=0.2,
+    ap.add_argument("--replay", type=float, default=DEFAULT_REPLAY,
                     help="also write train_new_replay.jsonl: the new family's training questions plus this fraction "
-                         "(of their number) of old-family ones (default 0.2; 0 = not written)")
+                         "(of their number) of old-family ones (default %(default)s; 0 = not written)")
     ap.add_argument("--no-copy-images", action="store_true", help="do not copy the images (they are already there)")
     args = ap.parse_args(argv)
     summary = convert(args.output, args.split_by, args.seed, args.max_train, args.max_eval,

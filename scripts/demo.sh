@@ -7,7 +7,7 @@
 #    old = "what color is the shape?" ("pretrained knowledge"), new = "what is the <colour> shape?" ("new task").
 # 2. scripts/build_demo_base.py: stage 0, a tiny LLaVA trained from scratch on the old family (reused when present).
 # 3. deepspeed scripts/train_vlm.py: MiLoRA on the language model (configs/demo/easyvqa_milora.yaml), on the new
-#    family plus 20% replayed old-family questions (train_new_replay.jsonl; DEMO_TRAIN_FILE=train_new.jsonl: none).
+#    family plus 40% replayed old-family questions (train_new_replay.jsonl; DEMO_TRAIN_FILE=train_new.jsonl: none).
 # 4. eval/generate.py + eval/score.py: base and finetuned model on both families' test questions.
 # 5. scripts/demo_report.py: the table (printed, results.md) and results.json.
 #
@@ -74,7 +74,9 @@ mark train
 
 step "4/5 answers and scores (base and MiLoRA, old and new family)"
 for model in base milora; do
-  # one generation pass per model over both families; the launcher splits the questions across its processes
+  # one generation pass per model over both families; the launcher splits the questions across its processes.
+  # Old answers go first: generate.py resumes from an existing answers file, and these models may be new.
+  rm -f "$OUT/eval/answers_$model.jsonl" "$OUT/eval/answers_$model.jsonl".part*
   "${LAUNCH_ENV[@]}" deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" eval/generate.py --model "$OUT/$model" --template chatml \
     --question-file "$OUT/eval/questions_all.jsonl" --image-folder "$OUT/data/images" \
     --answers-file "$OUT/eval/answers_$model.jsonl" --max-new-tokens 8 --batch-size 64

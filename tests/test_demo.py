@@ -98,13 +98,13 @@ def test_convert_default_split_is_open_colour_then_open_shape_questions(tmp_path
         assert all(r["image"].startswith("train/") for r in train) and all(t["image"].startswith("test/") for t in test)
     labels = [json.loads(line) for line in open(tmp_path / "image_labels.jsonl")]
     assert sum(r["split"] == "train" for r in labels) == summary["image_labels"]["train"] > 3900
-    # stage 2's data: every new-family record plus 20% as many old-family ones, each once
+    # stage 2's data: every new-family record plus 40% as many old-family ones, each once
     new = {json.loads(line)["id"] for line in open(tmp_path / "train_new.jsonl")}
     old = {json.loads(line)["id"] for line in open(tmp_path / "train_old.jsonl")}
     mixed = [json.loads(line)["id"] for line in open(tmp_path / "train_new_replay.jsonl")]
-    assert len(mixed) == len(set(mixed)) == len(new) + round(0.2 * len(new))
+    assert len(mixed) == len(set(mixed)) == len(new) + round(0.4 * len(new))
     assert new <= set(mixed) and set(mixed) - new <= old
-    assert summary["replay"] == {"fraction": 0.2, "new": len(new), "old_replayed": round(0.2 * len(new)),
+    assert summary["replay"] == {"fraction": 0.4, "new": len(new), "old_replayed": round(0.4 * len(new)),
                                  "file": "train_new_replay.jsonl"}
     with pytest.raises(ValueError, match="replay must be a fraction"):
         convert(str(tmp_path / "x"), replay=1.5, copy_images=False)
@@ -141,6 +141,10 @@ def _cut_down_env(tmp_path) -> dict:
 @pytest.mark.slow
 def test_demo_script_runs_every_stage_and_reports(tmp_path):
     out = tmp_path / "demo"
+    (out / "eval").mkdir(parents=True)
+    for model in ("base", "milora"):  # a previous run's answers must not be taken for this run's
+        with open(out / "eval" / f"answers_{model}.jsonl", "w") as f:
+            f.writelines(json.dumps({"question_id": f"test-{i}", "text": "stale"}) + "\n" for i in range(20000))
     proc = subprocess.run(["bash", "scripts/demo.sh", str(out)], cwd=REPO, env=_cut_down_env(tmp_path),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -157,10 +161,13 @@ def test_demo_script_runs_every_stage_and_reports(tmp_path):
     assert events, "no TensorBoard logs under the MiLoRA run"
     base_info = json.loads((out / "base" / "demo_base.json").read_text())
     assert base_info["spec"]["text_hidden"] == 32  # the cut-down base, saved with how it was made
+    assert base_info["knowledge"]["caption_prompt"] == "describe the image."  # captions asked as questions
+    assert base_info["knowledge"]["samples"] == 64 + base_info["knowledge"]["captions_mixed_in"] > 64
     # every test question answered once, for both models
     for model in ("base", "milora"):
-        ids = [json.loads(line)["question_id"] for line in open(out / "eval" / f"answers_{model}.jsonl")]
-        assert len(ids) == len(set(ids)) == 24
+        answers = [json.loads(line) for line in open(out / "eval" / f"answers_{model}.jsonl")]
+        assert len(answers) == len({a["question_id"] for a in answers}) == 24
+        assert all(a["text"] != "stale" for a in answers)
 
     # the base model is reused when present
     from scripts.build_demo_base import main as build_main
@@ -168,6 +175,18 @@ def test_demo_script_runs_every_stage_and_reports(tmp_path):
     before = (out / "base" / "model.safetensors").stat().st_mtime_ns
     assert build_main(["--data", str(out / "data"), "--output", str(out / "base")]) == 0
     assert (out / "base" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_caption_records_are_plain_for_alignment_and_asked_for_the_instruction_mix():
+    from milora_vlm.demo.base_model import caption_records
+
+    labels = [{"image": "a.png", "color": "red", "shape": "circle"}, {"image": "b.png", "color": "blue"}]
+    plain, asked = caption_records(labels), caption_records(labels, "describe the image.")
+    assert len(plain) == len(asked) == 1  # b.png's shape is unknown: no caption
+    assert plain[0]["conversations"] == [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a red circle"}]
+    assert asked[0]["conversations"][0]["value"] == "<image>\ndescribe the image."
+    assert asked[0]["conversations"][1] == plain[0]["conversations"][1]
+    assert caption_records(labels, "") == plain  # --caption-prompt "": stage 3 keeps the plain captions
 
 
 def test_report_names_the_missing_step(tmp_path):
