@@ -82,7 +82,7 @@ def collect(out: str) -> dict:
         c = s.get("counts", {})
         if c.get("missing"):
             raise SystemExit(f"{out}/eval/score_{m}_{fam}.json: {c['missing']} of {c.get('gold')} questions have no "
-                             f"answer; re-run scripts/demo.sh (eval/generate.py resumes)")
+                             f"answer; re-run scripts/demo.sh")
     base_info = _read_json(os.path.join(out, "base", "demo_base.json"))
     results = {
         "base_old_task_accuracy": scores["base", "old"]["score"],

@@ -24,7 +24,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from milora_vlm.milora import MiLoRAConfig, apply_milora, save_milora
 from milora_vlm.milora.offset import frozen_factors
 from milora_vlm.milora.targets import find_targets, full_weight, is_partitioned
-from milora_vlm.train.distributed import release_deepspeed_shm
+from milora_vlm.train.distributed import init_distributed
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -64,8 +64,7 @@ def main() -> None:
     out = Path(args.out)
     fields = json.loads(args.config)
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    release_deepspeed_shm()
+    init_distributed(use_deepspeed=True)  # gloo on CPU, as train_vlm.py
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     dump(apply_milora(model, MiLoRAConfig(**fields)), out, "replicated")

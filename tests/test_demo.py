@@ -189,6 +189,20 @@ def test_caption_records_are_plain_for_alignment_and_asked_for_the_instruction_m
     assert caption_records(labels, "") == plain  # --caption-prompt "": stage 3 keeps the plain captions
 
 
+def test_knowledge_mix_asks_the_captions_in_the_chat_template_by_default():
+    from milora_vlm.demo.base_model import BaseModelSpec, caption_records, knowledge_mix
+
+    labels = [{"image": "a.png", "color": "red", "shape": "circle"}]
+    questions = [{"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nwhat color is the shape?"},
+                                                      {"from": "gpt", "value": "red"}]}]
+    spec = BaseModelSpec()
+    assert knowledge_mix(questions, labels, spec) == [
+        (questions, "chatml"), (caption_records(labels, "describe the image."), "chatml")]
+    assert knowledge_mix(questions, labels, BaseModelSpec(caption_prompt="")) == [
+        (questions, "chatml"), (caption_records(labels), "plain")]
+    assert knowledge_mix(questions, labels, BaseModelSpec(knowledge_with_captions=False)) == [(questions, "chatml")]
+
+
 def test_report_names_the_missing_step(tmp_path):
     from scripts.demo_report import main as report_main
 

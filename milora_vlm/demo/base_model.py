@@ -196,6 +196,15 @@ def caption_records(labels: list[dict], prompt: str | None = None) -> list[dict]
             for r in labels if "color" in r and "shape" in r]
 
 
+def knowledge_mix(records: list[dict], labels: list[dict], spec: BaseModelSpec) -> list[tuple[list[dict], str]]:
+    """Stage 3's conversations, in groups with the template each is encoded with: the family's questions, then
+    (spec.knowledge_with_captions) the captions, asked with spec.caption_prompt or in stage 2's plain format."""
+    mix = [(records, spec.template)]
+    if spec.knowledge_with_captions:
+        mix.append((caption_records(labels, spec.caption_prompt), spec.template if spec.caption_prompt else "plain"))
+    return mix
+
+
 @dataclass
 class EncodedSample:
     input_ids: list[int]
@@ -366,12 +375,9 @@ def build_base_model(data_dir: str, output: str, spec: BaseModelSpec | None = No
     print(f"stage 0.2 alignment (captions): {info['align']} ({info['seconds']['align']} s)")
 
     t = time.time()
-    samples = encode_samples(records, rows, tokenizer, spec.template, image_token_id, num_image_tokens)
-    if spec.knowledge_with_captions and spec.caption_prompt:
-        samples = samples + encode_samples(caption_records(train_labels, spec.caption_prompt), rows, tokenizer,
-                                           spec.template, image_token_id, num_image_tokens)
-    elif spec.knowledge_with_captions:
-        samples = samples + caption_samples
+    mix = knowledge_mix(records, train_labels, spec)
+    samples = [s for group, template in mix
+               for s in encode_samples(group, rows, tokenizer, template, image_token_id, num_image_tokens)]
     loss, steps = train_language(model, features, samples, spec.knowledge_epochs, spec, "3-knowledge",
                                  tokenizer.pad_token_id, writer, step0=steps)
     check_samples = encode_samples(
@@ -379,7 +385,7 @@ def build_base_model(data_dir: str, output: str, spec: BaseModelSpec | None = No
                                                  {"from": "gpt", "value": c["answer"]}]} for c in checks],
         rows, tokenizer, spec.template, image_token_id, num_image_tokens)
     info["knowledge"] = {"family": spec.train_family, "samples": len(samples),
-                         "captions_mixed_in": len(caption_samples) if spec.knowledge_with_captions else 0,
+                         "captions_mixed_in": sum(len(group) for group, _ in mix[1:]),
                          "caption_prompt": spec.caption_prompt or None, "steps": steps,
                          "final_loss": round(loss, 4),
                          "test_answer_accuracy": answer_accuracy(model, features, check_samples, tokenizer.pad_token_id),

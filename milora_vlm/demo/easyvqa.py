@@ -244,7 +244,7 @@ def convert(
     os.makedirs(output, exist_ok=True)
     summary: dict = {"source": "easy-vqa (PyPI, MIT licence)", "split_by": split_by, "seed": seed, "balance": balance,
                      "max_train": max_train, "max_eval": max_eval, "families": {}, "skipped": {}}
-    label_rows = []
+    label_rows, train_rows = [], {}
     for split in ("train", "test"):
         questions, paths, skips = read_package(split)
         labels, conflicts = image_labels(questions)
@@ -265,12 +265,14 @@ def convert(
             if balance and split == "train":
                 chosen, entry["balance_dropped"] = balance_yes_no(chosen, rng)
             chosen = _subset(chosen, cap, rng)
-            path = os.path.join(output, f"{split}_{fam}.jsonl")
-            _write_jsonl(path, (_conversation(q) if split == "train" else _eval_question(q) for q in chosen))
+            rows = [_conversation(q) if split == "train" else _eval_question(q) for q in chosen]
+            _write_jsonl(os.path.join(output, f"{split}_{fam}.jsonl"), rows)
+            if split == "train":
+                train_rows[fam] = rows
             entry[split] = len(chosen)
             entry[f"{split}_per_category"] = dict(sorted(Counter(q.category for q in chosen).items()))
     if replay > 0 and set(families) == {"old", "new"}:
-        summary["replay"] = write_replay(output, replay, seed)
+        summary["replay"] = write_replay(output, train_rows["new"], train_rows["old"], replay, seed)
     _write_jsonl(os.path.join(output, "image_labels.jsonl"), label_rows)
     summary["image_labels"] = dict(Counter(r["split"] for r in label_rows))
     with open(os.path.join(output, "summary.json"), "w", encoding="utf-8") as f:
@@ -278,13 +280,9 @@ def convert(
     return summary
 
 
-def write_replay(output: str, fraction: float, seed: int) -> dict:
-    """train_new_replay.jsonl: train_new.jsonl plus round(fraction * len) old-family training records, shuffled."""
-    def read(name):
-        with open(os.path.join(output, name), encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-    new, old = read("train_new.jsonl"), read("train_old.jsonl")
+def write_replay(output: str, new: list[dict], old: list[dict], fraction: float, seed: int) -> dict:
+    """train_new_replay.jsonl: the new family's training records plus round(fraction * len) old-family ones,
+    shuffled."""
     rng = random.Random(f"{seed}-replay")
     k = min(len(old), round(fraction * len(new)))
     mixed = new + rng.sample(old, k)
