@@ -110,6 +110,17 @@ def test_read_questions_rules(tmp_path):
         read_questions(_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "input": "context"}]))
 
 
+def test_non_utf8_question_and_answer_files_name_the_line(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_bytes(b'{"question_id": 0, "text": "a"}\n{"question_id": 1, "text": "caf\xe9"}\n')
+    with pytest.raises(EvalInputError, match=r"q.jsonl:2: not UTF-8 \(byte 0xe9"):
+        read_questions(str(questions))
+    answers = tmp_path / "a.jsonl"
+    answers.write_bytes(b'{"question_id": 0, "prompt": "a", "text": "\xff", "model_id": "m"}\n')
+    with pytest.raises(EvalInputError, match=r"a.jsonl:1: not UTF-8 \(byte 0xff"):
+        read_answers(str(answers))
+
+
 def test_select_chunk_partitions():
     items = list(range(10))
     chunks = [select_chunk(items, 3, k) for k in range(3)]

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from milora_vlm.evaluation.answer_processing import evalai_normalize, process_digit_article, process_punctuation
+from milora_vlm.evaluation.answer_processing import (
+    CONTRACTIONS,
+    VIZWIZ_CONTRACTIONS,
+    evalai_normalize,
+    process_digit_article,
+    process_punctuation,
+)
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.vqa import (
     llava_textvqa_question,
@@ -96,6 +102,34 @@ def test_official_vqa_normalises_only_when_humans_disagree():
 def test_vizwiz_normalises_prediction_only():
     assert vizwiz_accuracy("Yes.", ["yes"] * 10) == 1.0
     assert vizwiz_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0  # the human answers stay raw: a quirk kept
+
+
+@pytest.mark.parametrize(
+    "prediction,humans,expected",
+    [
+        # The VizWiz API's contraction table writes "isnt" -> "isn\u2019t" (typographic apostrophe): no human
+        # "isn't" matches it there, while VQA's table would give 100.
+        ("isnt", ["isn't"] * 10, 0.0),
+        ("isnt", ["isn\u2019t"] * 10, 1.0),
+        ("isn't", ["isn't"] * 10, 1.0),  # an apostrophe the model wrote itself is left alone
+        # the entries it kept with an ASCII apostrophe
+        ("cant", ["can't"] * 10, 1.0),
+        ("weve", ["we've"] * 10, 1.0),
+        ("dont", ["don't"] * 10, 0.0),
+        ("dont", ["don\u2019t"] * 10, 1.0),
+        ("twas", ["\u2019twas"] * 10, 1.0),
+        ("Somebody\u2019d", ["somebodyd"] * 10, 1.0),  # the table's own typo, as in VQA's
+    ],
+)
+def test_vizwiz_contraction_table_quirks(prediction, humans, expected):
+    assert vizwiz_accuracy(prediction, humans) == expected
+
+
+def test_vizwiz_table_differs_from_vqas_only_in_apostrophes():
+    assert VIZWIZ_CONTRACTIONS["couldn'tve"] == "couldn\u2019t\u2019ve"  # ASCII key kept, value retyped
+    assert "couldnt\u2019ve" in VIZWIZ_CONTRACTIONS and "couldnt've" not in VIZWIZ_CONTRACTIONS
+    assert {k.replace("\u2019", "'"): v.replace("\u2019", "'") for k, v in VIZWIZ_CONTRACTIONS.items()} == CONTRACTIONS
+    assert process_digit_article("isnt") == "isn't"  # VQA's table unchanged
 
 
 def test_textvqa_normalises_both():

@@ -26,7 +26,7 @@ from milora_vlm.data.images import image_token_count, process_images
 from milora_vlm.data.records import load_image, resolve_image_path
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER, SkipSample, Template, encode_conversation
 
-from .inputs import EvalInputError, first_key, load_records
+from .inputs import EvalInputError, decode_utf8, first_key, load_records
 
 TEXT_KEYS = ("text", "instruction", "query", "question", "problem")
 
@@ -88,6 +88,7 @@ def read_answers(path: str, model_id: str | None = None, repair: bool = True) ->
         data = f.read()
     done: dict[str, dict] = {}
     complete_end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    decode_utf8(data[:complete_end], path)  # non-UTF-8 bytes: an error naming the line
     for line_no, raw in enumerate(data[:complete_end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue

@@ -5,7 +5,8 @@ prediction given by 0, 1, 2, 3, >=4 humans scores 0, 0.3, 0.6, 0.9, 1.0. They di
 - VQAv2 (official evaluator, GT-Vision-Lab/VQA master): human answers and prediction are whitespace-cleaned; the
   punctuation / number / article / contraction rules are applied to *both* only when the human answers
   disagree. When all ten agree the prediction must equal their text exactly ("Yes" scores 0 against "yes").
-- VizWiz (its official evaluator): the prediction is always normalised, the human answers never.
+- VizWiz (its official evaluator): the prediction is always normalised, the human answers never, and its
+  contraction table differs from VQA's (typographic apostrophes: "isnt" -> "isn’t" matches no human "isn't").
 - TextVQA (LLaVA's m4c_evaluator, from MMF): EvalAI's processor on the prediction and on every human answer.
 
 Raw generations (this project's / LLaVA's answers JSONL) first go through the conversion step LLaVA runs before
@@ -20,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from .answer_processing import clean_whitespace, evalai_normalize, vqa_normalize
+from .answer_processing import clean_whitespace, evalai_normalize, vizwiz_normalize, vqa_normalize
 from .inputs import (
     EvalInputError,
     Predictions,
@@ -59,7 +60,7 @@ def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
 
 def vizwiz_accuracy(prediction: str, human_answers: list[str]) -> float:
     """The official VizWiz evaluator's per-question accuracy in [0, 1]."""
-    return _leave_one_out(vqa_normalize(clean_whitespace(prediction)), list(human_answers))
+    return _leave_one_out(vizwiz_normalize(prediction), list(human_answers))
 
 
 def textvqa_accuracy(prediction: str, human_answers: list[str]) -> float:
