@@ -239,6 +239,28 @@ def test_textvqa_official_ids_and_llava_image_keyed_answers(tmp_path):
     assert r["score"] == pytest.approx(100 * (1.0 + 1.0) / 2)
 
 
+def test_textvqa_image_asking_the_same_question_twice_is_scored_as_llava(tmp_path):
+    # eval_textvqa.py keys annotations by (image_id, question.lower()): the later of the two wins, and every
+    # answer to that question is scored against its human answers; both answers count.
+    data = [
+        {"question_id": 20, "image_id": "img2", "question": "What brand?", "answers": ["nikon"] * 10},
+        {"question_id": 21, "image_id": "img2", "question": "what brand?", "answers": ["canon"] * 10},
+        {"question_id": 22, "image_id": "img2", "question": "What year?", "answers": ["1999"] * 10},
+    ]
+    ann = _write(tmp_path / "TextVQA_val.json", {"data": data})
+    suffix = "\nAnswer the question using a single word or phrase."
+    rows = [{"question_id": "img2", "prompt": "What brand?" + suffix, "text": "Canon"},
+            {"question_id": "img2", "prompt": "what brand?" + suffix, "text": "Nikon"},
+            {"question_id": "img2", "prompt": "What year?" + suffix, "text": "1999"}]
+    r = score_textvqa(_jsonl(tmp_path / "a.jsonl", rows), ann).to_dict()
+    assert r["counts"]["gold"] == 3 and r["counts"]["predicted"] == 3
+    assert r["score"] == pytest.approx(100 * (1.0 + 0.0 + 1.0) / 3)  # "Nikon" scored against the later "canon"s
+    assert any("ask the same question twice" in w for w in r["warnings"])
+    rows.append(rows[0])  # a third answer to a question asked twice is a real duplicate
+    with pytest.raises(EvalInputError, match=r"a3.jsonl:4: more answers for image 'img2'"):
+        score_textvqa(_jsonl(tmp_path / "a3.jsonl", rows), ann)
+
+
 def test_llava_textvqa_prompt_forms():
     assert llava_textvqa_question("What?\nAnswer briefly.") == "what?"
     assert llava_textvqa_question("Reference OCR token: A, B\nWhat?\nAnswer.") == "what?"

@@ -228,8 +228,7 @@ def score_textvqa(
     """
     del answer_processing
     gold: dict[str, HumanAnswers] = {}
-    by_image_question: dict[str, str] = {}
-    warnings: list[str] = []
+    by_image_question: dict[str, list[str]] = defaultdict(list)  # (image, question) -> ids in file order
     for index, (line_no, rec) in enumerate(_records_under(annotations, "data")):
         qid = record_id(rec, line_no, index, annotations)
         if qid in gold:
@@ -237,10 +236,7 @@ def score_textvqa(
         gold[qid] = HumanAnswers(_human_answers(rec, annotations, line_no), "all")
         image_id = require(rec, "image_id", annotations, line_no)
         question = require(rec, "question", annotations, line_no)
-        compound = f"{image_id}\x1f{question.lower()}"
-        if compound in by_image_question:
-            warnings.append(f"{annotations}:{line_no}: image {image_id!r} asks {question!r} twice; the last is used, as in LLaVA")
-        by_image_question[compound] = qid
+        by_image_question[f"{image_id}\x1f{question.lower()}"].append(qid)
     records = load_records(predictions)
     ids = [record_id(r, n, i, predictions) for i, (n, r) in enumerate(records)]
     question_texts: dict[str, list[str]] = defaultdict(list)
@@ -248,6 +244,18 @@ def score_textvqa(
         for index, (line_no, rec) in enumerate(load_records(questions)):
             question_texts[record_id(rec, line_no, index, questions)].append(require(rec, "text", questions, line_no))
     llava_keyed = bool(ids) and not all(q in gold for q in ids)
+    warnings: list[str] = []
+    repeated = {c: qids for c, qids in by_image_question.items() if len(qids) > 1}
+    if llava_keyed and repeated:
+        # LLaVA keys its annotations by (image, lower-cased question), so the last of a repeated pair wins, and
+        # every answer to that question is scored against the last one's human answers.
+        for qids in repeated.values():
+            for qid in qids[:-1]:
+                gold[qid] = gold[qids[-1]]
+        warnings.append(f"{len(repeated)} images ask the same question twice (case-insensitive), e.g. question_ids "
+                        f"{next(iter(repeated.values()))}: each answer to it is scored against the last one's human "
+                        "answers, as LLaVA's eval_textvqa does")
+    answered: dict[str, int] = defaultdict(int)
 
     def key(rec: dict, qid: str) -> str:
         if not llava_keyed:
@@ -272,7 +280,12 @@ def score_textvqa(
                 f"no TextVQA annotation for image {qid!r} with that question "
                 "(pass --allow-unknown to ignore such predictions)"
             )
-        return by_image_question[compound]
+        # the k-th answer to a repeated question takes the k-th of its ids (all scored alike, see above)
+        k, answered[compound] = answered[compound], answered[compound] + 1
+        if k >= len(by_image_question[compound]):
+            raise ValueError(f"more answers for image {qid!r} and this question than the annotations ask "
+                             f"({len(by_image_question[compound])})")
+        return by_image_question[compound][k]
 
     preds = load_predictions(predictions, key_fn=key)
     aligned, counts = align(list(gold), preds, allow_unknown)
