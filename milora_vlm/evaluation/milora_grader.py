@@ -79,16 +79,19 @@ def math_equal(prediction, reference, symbolic: TimeLimitedWorker | None) -> boo
         ref_str, pred_str = ref_str.replace(s, ""), pred_str.replace(s, "")
     if pred_str == ref_str:
         return True
-    if (prediction.startswith("[") and prediction.endswith("]") and reference.startswith("[") and reference.endswith("]")) or (
-        prediction.startswith("(") and prediction.endswith(")") and reference.startswith("(") and reference.endswith(")")
-    ):
+    def both_in(left: str, right: str) -> bool:
+        return all(x.startswith(left) and x.endswith(right) for x in (prediction, reference))
+
+    if both_in("[", "]") or both_in("(", ")"):
         pred_parts, ref_parts = prediction[1:-1].split(","), reference[1:-1].split(",")
         # a list, not a generator, as the reference: every part is compared (it matters for time only)
         if len(pred_parts) == len(ref_parts) and all(
             [math_equal(p, r, symbolic) for p, r in zip(pred_parts, ref_parts)]
         ):
             return True
-    return symbolic(symbolic_equal, prediction, reference) if symbolic is not None else symbolic_equal(prediction, reference)
+    if symbolic is None:
+        return symbolic_equal(prediction, reference)
+    return symbolic(symbolic_equal, prediction, reference)
 
 
 def is_equiv(prediction: str, gold: str | None, symbolic: TimeLimitedWorker | None) -> tuple[bool, bool | None]:
