@@ -50,6 +50,8 @@ def extract_gsm8k_number(completion: str) -> int | None:
             return None
         if denominator == "0":
             return round(float(numerator.replace(",", "")))
+        if int(denominator) == 0:  # "5/00": the reference stops the whole run; here it is unparsable
+            return None
         return round(float(Fraction(number.replace(",", ""))))
     value = float(number.replace(",", ""))
     return None if value == float("inf") else round(value)
