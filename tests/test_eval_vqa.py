@@ -256,6 +256,12 @@ def test_textvqa_image_asking_the_same_question_twice_is_scored_as_llava(tmp_pat
     assert r["counts"]["gold"] == 3 and r["counts"]["predicted"] == 3
     assert r["score"] == pytest.approx(100 * (1.0 + 0.0 + 1.0) / 3)  # "Nikon" scored against the later "canon"s
     assert any("ask the same question twice" in w for w in r["warnings"])
+    # answers without 'prompt' read the question from LLaVA's question file, where it appears twice
+    qfile = _jsonl(tmp_path / "q.jsonl", [{"question_id": "img2", "text": "What brand?" + suffix}] * 2
+                   + [{"question_id": "img3", "text": "What year?" + suffix}])
+    no_prompt = [{"question_id": "img2", "text": "canon"}, {"question_id": "img2", "text": "canon"}]
+    r = score_textvqa(_jsonl(tmp_path / "np.jsonl", no_prompt), ann, qfile).to_dict()
+    assert r["counts"]["predicted"] == 2 and r["score"] == pytest.approx(100 * 2 / 3)
     rows.append(rows[0])  # a third answer to a question asked twice is a real duplicate
     with pytest.raises(EvalInputError, match=r"a3.jsonl:4: more answers for image 'img2'"):
         score_textvqa(_jsonl(tmp_path / "a3.jsonl", rows), ann)

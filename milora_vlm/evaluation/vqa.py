@@ -262,13 +262,13 @@ def score_textvqa(
             return qid
         prompt = rec.get("prompt")
         if not isinstance(prompt, str):
-            candidates = question_texts.get(qid, [])
+            candidates = set(question_texts.get(qid, []))  # one text, possibly asked twice
             if len(candidates) != 1:
                 raise ValueError(
                     f"id {qid!r} is not a TextVQA question_id and the record has no 'prompt' to read the question "
                     "from (pass the LLaVA question file with --questions)"
                 )
-            prompt = candidates[0]
+            prompt = candidates.pop()
         try:
             compound = f"{qid}\x1f{llava_textvqa_question(prompt)}"
         except ValueError as e:
