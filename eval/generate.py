@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     output = f"{args.answers_file}.part{rank}of{world_size}" if world_size > 1 else args.answers_file
     try:
         suffix = "\n" + SINGLE_PRED_PROMPT if args.single_pred_prompt else ""
-        questions = select_chunk(read_questions(args.question_file, suffix), num_chunks, chunk_idx)
+        all_questions = read_questions(args.question_file, suffix)
+        if all_questions.repeated and rank == 0:
+            print(f"note: {len(all_questions.repeated)} questions repeat an earlier line (same question_id, text and "
+                  f"image) and are answered once: {', '.join(all_questions.repeated[:3])}", file=sys.stderr)
+        questions = select_chunk(all_questions, num_chunks, chunk_idx)
         from milora_vlm.inference import load_for_inference
 
         loaded = load_for_inference(args.model, base=args.base, dtype=args.dtype, model_id=args.model_id)

@@ -105,8 +105,12 @@ def test_read_questions_rules(tmp_path):
     assert [(q.qid, q.text) for q in qs] == [(0, "a"), (7, "b")]
     # LLaVA's TextVQA file reuses an id for different questions: allowed; the same id and text twice is not.
     assert len(read_questions(_jsonl(tmp_path / "t.jsonl", [{"question_id": "i", "text": "a"}, {"question_id": "i", "text": "b"}]))) == 2
-    with pytest.raises(EvalInputError, match=r":2: the same question_id and text as line 1"):
-        read_questions(_jsonl(tmp_path / "d.jsonl", [{"question_id": 1, "text": "a"}, {"question_id": 1, "text": "a"}]))
+    # the same id, text and image twice (LLaVA's TextVQA file): answered once, and the repeat is named
+    qs = read_questions(_jsonl(tmp_path / "d.jsonl", [{"question_id": 1, "text": "a"}, {"question_id": 1, "text": "a"}]))
+    assert len(qs) == 1 and qs.repeated == [f"{tmp_path / 'd.jsonl'}:2 (as line 1)"]
+    with pytest.raises(EvalInputError, match=r":2: the same question_id and text as line 1, with another image"):
+        read_questions(_jsonl(tmp_path / "e.jsonl", [{"question_id": 1, "text": "a", "image": "x.png"},
+                                                     {"question_id": 1, "text": "a", "image": "y.png"}]))
     with pytest.raises(EvalInputError, match=r":1: missing question text"):
         read_questions(_jsonl(tmp_path / "m.jsonl", [{"question_id": 1, "image": "x.png"}]))
     with pytest.raises(EvalInputError, match=r"non-empty 'input'"):

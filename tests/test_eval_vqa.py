@@ -262,6 +262,14 @@ def test_textvqa_image_asking_the_same_question_twice_is_scored_as_llava(tmp_pat
     no_prompt = [{"question_id": "img2", "text": "canon"}, {"question_id": "img2", "text": "canon"}]
     r = score_textvqa(_jsonl(tmp_path / "np.jsonl", no_prompt), ann, qfile).to_dict()
     assert r["counts"]["predicted"] == 2 and r["score"] == pytest.approx(100 * 2 / 3)
+    # asked twice in the same words: eval/generate.py answers once, and that answer stands for both, as LLaVA's
+    # two identical greedy answers would
+    same = [dict(data[0]), dict(data[1], question="What brand?"), data[2]]
+    ann_same = _write(tmp_path / "TextVQA_same.json", {"data": same})
+    once = [{"question_id": "img2", "prompt": "What brand?" + suffix, "text": "canon"}]
+    r = score_textvqa(_jsonl(tmp_path / "once.jsonl", once), ann_same).to_dict()
+    assert r["counts"]["predicted"] == 2 and r["score"] == pytest.approx(100 * 2 / 3)
+    assert any("used for both" in w for w in r["warnings"])
     rows.append(rows[0])  # a third answer to a question asked twice is a real duplicate
     with pytest.raises(EvalInputError, match=r"a3.jsonl:4: more answers for image 'img2'"):
         score_textvqa(_jsonl(tmp_path / "a3.jsonl", rows), ann)

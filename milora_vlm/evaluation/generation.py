@@ -71,10 +71,21 @@ def _question_text(rec: dict, path: str, line_no: int) -> str:
     return rec[key]
 
 
-def read_questions(path: str, suffix: str = "") -> list[Question]:
-    """The questions of `path`; `suffix` (e.g. "\n" + SINGLE_PRED_PROMPT) is appended to every text."""
-    questions: list[Question] = []
-    seen: dict[str, int] = {}
+class QuestionList(list):
+    """Questions in file order; `repeated` names the lines dropped as repeats of an earlier one."""
+
+    def __init__(self):
+        super().__init__()
+        self.repeated: list[str] = []
+
+
+def read_questions(path: str, suffix: str = "") -> QuestionList:
+    """The questions of `path`; `suffix` (e.g. "\\n" + SINGLE_PRED_PROMPT) is appended to every text.
+
+    A line with the same question_id, text and image as an earlier one (LLaVA's TextVQA file has images that
+    ask the same question twice) is answered once: it is dropped and listed in `.repeated`."""
+    questions = QuestionList()
+    seen: dict[str, Question] = {}
     for index, (line_no, rec) in enumerate(load_records(path)):
         # LLaVA's conversation-style files name the question "id" (ScienceQA's problem id, which its scorer uses)
         qid = rec.get("question_id", rec.get("id", index) if "conversations" in rec else index)
@@ -93,9 +104,14 @@ def read_questions(path: str, suffix: str = "") -> list[Question]:
         if placeholders and not image:
             raise EvalInputError(f"{path}:{line_no}: the question has {IMAGE_PLACEHOLDER} but no 'image' field")
         q = Question(qid, text, image or None, line_no)
-        if q.key in seen:
-            raise EvalInputError(f"{path}:{line_no}: the same question_id and text as line {seen[q.key]}")
-        seen[q.key] = line_no
+        first = seen.get(q.key)
+        if first is not None and first.image != q.image:
+            raise EvalInputError(f"{path}:{line_no}: the same question_id and text as line {first.line_no}, "
+                                 "with another image")
+        if first is not None:
+            questions.repeated.append(f"{path}:{line_no} (as line {first.line_no})")
+            continue
+        seen[q.key] = q
         questions.append(q)
     return questions
 

@@ -229,6 +229,7 @@ def score_textvqa(
     del answer_processing
     gold: dict[str, HumanAnswers] = {}
     by_image_question: dict[str, list[str]] = defaultdict(list)  # (image, question) -> ids in file order
+    asked: dict[str, str] = {}
     for index, (line_no, rec) in enumerate(_records_under(annotations, "data")):
         qid = record_id(rec, line_no, index, annotations)
         if qid in gold:
@@ -237,6 +238,7 @@ def score_textvqa(
         image_id = require(rec, "image_id", annotations, line_no)
         question = require(rec, "question", annotations, line_no)
         by_image_question[f"{image_id}\x1f{question.lower()}"].append(qid)
+        asked[qid] = question
     records = load_records(predictions)
     ids = [record_id(r, n, i, predictions) for i, (n, r) in enumerate(records)]
     question_texts: dict[str, list[str]] = defaultdict(list)
@@ -288,6 +290,18 @@ def score_textvqa(
         return by_image_question[compound][k]
 
     preds = load_predictions(predictions, key_fn=key)
+    if llava_keyed:
+        # eval/generate.py answers a question asked twice in exactly the same words once (the prompts are the same);
+        # LLaVA's run answers it twice, identically when greedy: that answer stands for both.
+        reused = 0
+        for qids in repeated.values():
+            answered_ids = [q for q in qids if q in preds.texts]
+            if answered_ids and len({asked[q] for q in qids}) == 1:
+                for q in qids:
+                    if q not in preds.texts:
+                        preds.texts[q], reused = preds.texts[answered_ids[-1]], reused + 1
+        if reused:
+            warnings.append(f"{reused} answers to a question asked twice in the same words were used for both")
     aligned, counts = align(list(gold), preds, allow_unknown)
     scores = {q: (textvqa_accuracy(t, gold[q].answers) if t is not None else 0.0) for q, t in aligned.items()}
     result = _result("textvqa", scores, gold, counts, "LLaVA m4c TextVQA evaluator (EvalAI processing)", warnings,
