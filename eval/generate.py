@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from milora_vlm.data.images import ASPECT_RATIOS  # noqa: E402
 from milora_vlm.data.templates import get_template, template_names  # noqa: E402
 from milora_vlm.evaluation.generation import (  # noqa: E402
+    SINGLE_PRED_PROMPT,
     GenerationSettings,
     generate_answers,
     merge_answer_files,
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--image-aspect-ratio", choices=ASPECT_RATIOS, default="pad")
+    p.add_argument("--single-pred-prompt", action="store_true",
+                   help="append LLaVA's \"Answer with the option's letter from the given choices directly.\" line to "
+                   "each question (its ScienceQA evaluation)")
     p.add_argument("--answer-prefix", default="", help="text appended to every prompt, e.g. \" Let's think step by step.\"")
     p.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable)")
     p.add_argument("--num-chunks", type=int, default=1)
@@ -73,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     num_chunks, chunk_idx = (world_size, rank) if world_size > 1 else (args.num_chunks, args.chunk_idx)
     output = f"{args.answers_file}.part{rank}of{world_size}" if world_size > 1 else args.answers_file
     try:
-        questions = select_chunk(read_questions(args.question_file), num_chunks, chunk_idx)
+        suffix = "\n" + SINGLE_PRED_PROMPT if args.single_pred_prompt else ""
+        all_questions = read_questions(args.question_file, suffix)
+        if all_questions.repeated and rank == 0:
+            print(f"note: {len(all_questions.repeated)} questions repeat an earlier line (same question_id, text and "
+                  f"image) and are answered once: {', '.join(all_questions.repeated[:3])}", file=sys.stderr)
+        questions = select_chunk(all_questions, num_chunks, chunk_idx)
         from milora_vlm.inference import load_for_inference
 
         loaded = load_for_inference(args.model, base=args.base, dtype=args.dtype, model_id=args.model_id)

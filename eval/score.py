@@ -19,6 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from milora_vlm.evaluation.inputs import EvalInputError  # noqa: E402
+from milora_vlm.evaluation.math_equivalence import PROTOCOLS  # noqa: E402
 from milora_vlm.evaluation.tasks import TASKS, run_task  # noqa: E402
 from milora_vlm.evaluation.vqa import ANSWER_PROCESSING  # noqa: E402
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", help="scienceqa: pid_splits.json (else the problems' own 'split' field)")
     p.add_argument("--mme-root", help="mme: the MME_Benchmark_release_version folder (gold answers)")
     p.add_argument("--dataset", help="commonsense: data set name for records without a 'dataset' field")
-    p.add_argument("--time-limit", type=float, help="math: seconds per symbolic comparison (default 5; 0 = off)")
+    p.add_argument("--time-limit", type=float,
+                   help="math: seconds per symbolic comparison (default 5; 0 = strict: off, milora: no limit)")
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="math/gsm8k: 'strict' (default) or 'milora', the grader of the MiLoRA paper's tables")
     p.add_argument("--answer-processing", choices=ANSWER_PROCESSING,
                    help="vqav2/vizwiz: 'auto' (default) applies LLaVA's EvalAI processing to raw generations only")
     p.add_argument("--allow-unknown", action="store_true",

@@ -112,6 +112,17 @@ def test_pope_labels_in_question_file_and_missing_answer_is_wrong(tmp_path):
     assert r["metrics"]["per_split"]["random"]["accuracy"] == 50.0 and r["counts"]["missing"] == 1
 
 
+def test_pope_empty_answers_read_yes_and_are_counted(tmp_path):
+    # eval_pope.py: "" has no "no"/"not"/"No" word, so it is "yes"; the output says how many there were.
+    questions = _jsonl(tmp_path / "q.jsonl", [{"question_id": i, "text": "?", "category": "random", "label": lab}
+                                              for i, lab in enumerate(["yes", "no", "no"])])
+    r = score_pope(_answers(tmp_path / "a.jsonl", [(0, ""), (1, " "), (2, "No")]), questions).to_dict()
+    split = r["metrics"]["per_split"]["random"]
+    assert (split["tp"], split["fp"], split["tn"]) == (1, 1, 1)
+    assert split["empty_answers"] == 2 and r["metrics"]["empty_answers"] == 2
+    assert any("2 answers are empty" in w for w in r["warnings"])
+
+
 # --- ScienceQA -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(

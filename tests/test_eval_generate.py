@@ -5,9 +5,11 @@ import importlib.util
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from PIL import Image
 from milora_vlm.data.images import expand_to_square, image_token_count, mean_color, process_images
 from milora_vlm.data.templates import encode_conversation, get_template
 from milora_vlm.evaluation.generation import (
+    SINGLE_PRED_PROMPT,
     AnswerGenerator,
     GenerationSettings,
     cut_at_stops,
@@ -102,12 +105,112 @@ def test_read_questions_rules(tmp_path):
     assert [(q.qid, q.text) for q in qs] == [(0, "a"), (7, "b")]
     # LLaVA's TextVQA file reuses an id for different questions: allowed; the same id and text twice is not.
     assert len(read_questions(_jsonl(tmp_path / "t.jsonl", [{"question_id": "i", "text": "a"}, {"question_id": "i", "text": "b"}]))) == 2
-    with pytest.raises(EvalInputError, match=r":2: the same question_id and text as line 1"):
-        read_questions(_jsonl(tmp_path / "d.jsonl", [{"question_id": 1, "text": "a"}, {"question_id": 1, "text": "a"}]))
+    # the same id, text and image twice (LLaVA's TextVQA file): answered once, and the repeat is named
+    qs = read_questions(_jsonl(tmp_path / "d.jsonl", [{"question_id": 1, "text": "a"}, {"question_id": 1, "text": "a"}]))
+    assert len(qs) == 1 and qs.repeated == [f"{tmp_path / 'd.jsonl'}:2 (as line 1)"]
+    with pytest.raises(EvalInputError, match=r":2: the same question_id and text as line 1, with another image"):
+        read_questions(_jsonl(tmp_path / "e.jsonl", [{"question_id": 1, "text": "a", "image": "x.png"},
+                                                     {"question_id": 1, "text": "a", "image": "y.png"}]))
     with pytest.raises(EvalInputError, match=r":1: missing question text"):
         read_questions(_jsonl(tmp_path / "m.jsonl", [{"question_id": 1, "image": "x.png"}]))
     with pytest.raises(EvalInputError, match=r"non-empty 'input'"):
         read_questions(_jsonl(tmp_path / "i.jsonl", [{"instruction": "a", "input": "context"}]))
+
+
+def test_llava_conversation_style_question_file(tmp_path):
+    # LLaVA's scripts/convert_sqa_to_llava.py writes llava_test_CQM-A.json; model_vqa_science takes the first
+    # turn, removes <image>, and with --single-pred-prompt appends its answer-format line.
+    rows = [{"id": "4", "image": "4/image.png",
+             "conversations": [{"from": "human", "value": "Context: x\nQuestion: Which?\nOptions: (A) a (B) b\n<image>"},
+                               {"from": "gpt", "value": "The answer is A."}]},
+            {"id": "7", "conversations": [{"from": "human", "value": "Question: Why?\nOptions: (A) c (B) d"},
+                                          {"from": "gpt", "value": "The answer is B."}]}]
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps(rows))
+    qs = read_questions(str(path), "\n" + SINGLE_PRED_PROMPT)
+    assert [(q.qid, q.image) for q in qs] == [("4", "4/image.png"), ("7", None)]
+    assert qs[0].text == ("Context: x\nQuestion: Which?\nOptions: (A) a (B) b\n"
+                          "Answer with the option's letter from the given choices directly.")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "1", "conversations": [None]}]))
+    with pytest.raises(EvalInputError, match=r"bad.json:1: field 'conversations' must start with a turn"):
+        read_questions(str(bad))
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"question_id": 0, "image": "a.png", "text": "<image>\nWhat? <image>"}, r"q.jsonl:2: the question has 2 <image>"),
+        ({"question_id": 0, "text": "<image>\nWhat?"}, r"q.jsonl:2: the question has <image> but no 'image' field"),
+    ],
+)
+def test_image_placeholder_problems_are_errors_before_generation(tmp_path, row, message):
+    with pytest.raises(EvalInputError, match=message):
+        read_questions(_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "text": "fine"}, row]))
+
+
+def _png_header(width, height):
+    """A few-byte PNG that declares width x height (PIL checks the size when opening, before decoding)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_undecodable_and_bomb_images_are_counted_skips(tiny_llava_dir, vqa_files, tmp_path):
+    from milora_vlm.evaluation.generation import generate_answers
+
+    root, _ = vqa_files
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ok.png").write_bytes((root / "images" / "red.png").read_bytes())
+    (tmp_path / "images" / "garbage.png").write_bytes(b"not an image at all")
+    (tmp_path / "images" / "bomb.png").write_bytes(_png_header(20000, 20000))  # over 2x the limit: an error in PIL
+    (tmp_path / "images" / "big.png").write_bytes(_png_header(10000, 10000))  # over the limit: a warning in PIL
+    names = ["ok.png", "garbage.png", "bomb.png", "big.png"]
+    qfile = _jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": n, "text": "Color?"} for i, n in enumerate(names)])
+    report = generate_answers(load_for_inference(str(tiny_llava_dir)), read_questions(qfile), str(tmp_path / "a.jsonl"),
+                              _settings(tmp_path, batch_size=4), source=qfile, show_progress=False)
+    assert report.written == 1 and [r["question_id"] for r in _lines(tmp_path / "a.jsonl")] == [0]
+    assert [s.split(": ")[0:2] for s in report.skipped] == [[f"{qfile}:2", "corrupt_image"],
+                                                             [f"{qfile}:3", "image_too_large"],
+                                                             [f"{qfile}:4", "image_too_large"]]
+
+
+def test_scienceqa_llava_question_file_end_to_end(tiny_llava_dir, vqa_files, tmp_path):
+    from milora_vlm.evaluation.scienceqa import score_scienceqa
+
+    root, _ = vqa_files
+    rows = [{"id": pid, "image": "red.png" if pid == "4" else None,
+             "conversations": [{"from": "human", "value": "Question: Which?\nOptions: (A) a (B) b" +
+                                ("\n<image>" if pid == "4" else "")}, {"from": "gpt", "value": "A"}]}
+            for pid in ("4", "7")]
+    for row in rows:
+        if row["image"] is None:
+            del row["image"]
+    qfile = tmp_path / "llava_test_CQM-A.json"
+    qfile.write_text(json.dumps(rows))
+    answers = str(tmp_path / "a.jsonl")
+    rc = generate_cli.main(["--model", str(tiny_llava_dir), "--question-file", str(qfile), "--image-folder",
+                            str(root / "images"), "--answers-file", answers, "--single-pred-prompt",
+                            "--max-new-tokens", "3", "--no-progress", "--template", "vicuna_v1"])
+    assert rc == 0 and [r["question_id"] for r in _lines(answers)] == ["4", "7"]
+    assert _lines(answers)[0]["prompt"].endswith("\nAnswer with the option's letter from the given choices directly.")
+    problems = tmp_path / "problems.json"
+    problems.write_text(json.dumps({pid: {"choices": ["a", "b"], "answer": 0, "image": "image.png" if pid == "4" else None,
+                                          "split": "test"} for pid in ("4", "7")}))
+    r = score_scienceqa(answers, str(problems)).to_dict()
+    assert r["counts"]["gold"] == 2 and r["counts"]["predicted"] == 2 and r["metrics"]["num_img"] == 1
+
+
+def test_non_utf8_question_and_answer_files_name_the_line(tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_bytes(b'{"question_id": 0, "text": "a"}\n{"question_id": 1, "text": "caf\xe9"}\n')
+    with pytest.raises(EvalInputError, match=r"q.jsonl:2: not UTF-8 \(byte 0xe9"):
+        read_questions(str(questions))
+    answers = tmp_path / "a.jsonl"
+    answers.write_bytes(b'{"question_id": 0, "prompt": "a", "text": "\xff", "model_id": "m"}\n')
+    with pytest.raises(EvalInputError, match=r"a.jsonl:1: not UTF-8 \(byte 0xff"):
+        read_answers(str(answers))
 
 
 def test_select_chunk_partitions():

@@ -103,6 +103,27 @@ def test_byte_order_mark_is_accepted(tmp_path, questions):
     assert score_exact(str(path), questions, allow_unknown=False).to_dict()["counts"]["predicted"] == 1
 
 
+NOT_UTF8 = b'{"question_id": 1, "text": "caf\xe9"}\n'  # Latin-1 'é': not UTF-8
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.json"])
+def test_non_utf8_predictions_name_file_line_and_column(tmp_path, questions, capsys, name):
+    path = tmp_path / name
+    path.write_bytes(b'{"question_id": 0, "text": "red"}\n' + NOT_UTF8)
+    with pytest.raises(EvalInputError, match=rf"{name}:2: not UTF-8 \(byte 0xe9 at column 32\)"):
+        score_exact(str(path), questions)
+    assert score_cli.main(["--task", "exact", "--predictions", str(path), "--questions", questions]) == 2
+    assert f"{name}:2: not UTF-8" in capsys.readouterr().err
+
+
+def test_non_utf8_gold_file_is_named(tmp_path):
+    gold = tmp_path / "gold.json"
+    gold.write_bytes(b'[\n{"question_id": 0, "answer": "red"},\n' + NOT_UTF8.replace(b"text", b"answer") + b"]")
+    preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": 0, "text": "red"}])
+    with pytest.raises(EvalInputError, match=r"gold.json:3: not UTF-8"):
+        score_exact(preds, str(gold))
+
+
 def test_score_cli_prints_and_writes_json(tmp_path, questions, capsys):
     preds = _jsonl(tmp_path / "a.jsonl", [{"question_id": i, "prompt": "?", "text": "Red.", "model_id": "m"} for i in range(2)])
     out = tmp_path / "scores" / "exact.json"

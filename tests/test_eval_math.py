@@ -29,6 +29,7 @@ def _jsonl(path, rows):
         ("The answer is: 1,234,567", 1234),  # one comma only: a kept quirk
         ("The answer is: 3/4", 1),  # fractions are rounded to an integer
         ("The answer is: 5/0", 5),
+        ("The answer is: 5/00", None),  # MetaMath's "== '0'" test misses it and the division raises there
         ("The answer is: 2.5", 2),  # Python's round(): half to even
         ("The answer is: 3.5", 4),
         ("The answer is: -7 apples", -7),

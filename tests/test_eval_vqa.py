@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from milora_vlm.evaluation.answer_processing import evalai_normalize, process_digit_article, process_punctuation
+from milora_vlm.evaluation.answer_processing import (
+    CONTRACTIONS,
+    VIZWIZ_CONTRACTIONS,
+    evalai_normalize,
+    process_digit_article,
+    process_punctuation,
+)
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.vqa import (
     llava_textvqa_question,
@@ -96,6 +102,34 @@ def test_official_vqa_normalises_only_when_humans_disagree():
 def test_vizwiz_normalises_prediction_only():
     assert vizwiz_accuracy("Yes.", ["yes"] * 10) == 1.0
     assert vizwiz_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0  # the human answers stay raw: a quirk kept
+
+
+@pytest.mark.parametrize(
+    "prediction,humans,expected",
+    [
+        # The VizWiz API's contraction table writes "isnt" -> "isn\u2019t" (typographic apostrophe): no human
+        # "isn't" matches it there, while VQA's table would give 100.
+        ("isnt", ["isn't"] * 10, 0.0),
+        ("isnt", ["isn\u2019t"] * 10, 1.0),
+        ("isn't", ["isn't"] * 10, 1.0),  # an apostrophe the model wrote itself is left alone
+        # the entries it kept with an ASCII apostrophe
+        ("cant", ["can't"] * 10, 1.0),
+        ("weve", ["we've"] * 10, 1.0),
+        ("dont", ["don't"] * 10, 0.0),
+        ("dont", ["don\u2019t"] * 10, 1.0),
+        ("twas", ["\u2019twas"] * 10, 1.0),
+        ("Somebody\u2019d", ["somebodyd"] * 10, 1.0),  # the table's own typo, as in VQA's
+    ],
+)
+def test_vizwiz_contraction_table_quirks(prediction, humans, expected):
+    assert vizwiz_accuracy(prediction, humans) == expected
+
+
+def test_vizwiz_table_differs_from_vqas_only_in_apostrophes():
+    assert VIZWIZ_CONTRACTIONS["couldn'tve"] == "couldn\u2019t\u2019ve"  # ASCII key kept, value retyped
+    assert "couldnt\u2019ve" in VIZWIZ_CONTRACTIONS and "couldnt've" not in VIZWIZ_CONTRACTIONS
+    assert {k.replace("\u2019", "'"): v.replace("\u2019", "'") for k, v in VIZWIZ_CONTRACTIONS.items()} == CONTRACTIONS
+    assert process_digit_article("isnt") == "isn't"  # VQA's table unchanged
 
 
 def test_textvqa_normalises_both():
@@ -203,6 +237,42 @@ def test_textvqa_official_ids_and_llava_image_keyed_answers(tmp_path):
     r = score_textvqa(_jsonl(tmp_path / "a.jsonl", rows), ann).to_dict()
     assert r["metrics"]["matched_by"] == "image_id+question"
     assert r["score"] == pytest.approx(100 * (1.0 + 1.0) / 2)
+
+
+def test_textvqa_image_asking_the_same_question_twice_is_scored_as_llava(tmp_path):
+    # eval_textvqa.py keys annotations by (image_id, question.lower()): the later of the two wins, and every
+    # answer to that question is scored against its human answers; both answers count.
+    data = [
+        {"question_id": 20, "image_id": "img2", "question": "What brand?", "answers": ["nikon"] * 10},
+        {"question_id": 21, "image_id": "img2", "question": "what brand?", "answers": ["canon"] * 10},
+        {"question_id": 22, "image_id": "img2", "question": "What year?", "answers": ["1999"] * 10},
+    ]
+    ann = _write(tmp_path / "TextVQA_val.json", {"data": data})
+    suffix = "\nAnswer the question using a single word or phrase."
+    rows = [{"question_id": "img2", "prompt": "What brand?" + suffix, "text": "Canon"},
+            {"question_id": "img2", "prompt": "what brand?" + suffix, "text": "Nikon"},
+            {"question_id": "img2", "prompt": "What year?" + suffix, "text": "1999"}]
+    r = score_textvqa(_jsonl(tmp_path / "a.jsonl", rows), ann).to_dict()
+    assert r["counts"]["gold"] == 3 and r["counts"]["predicted"] == 3
+    assert r["score"] == pytest.approx(100 * (1.0 + 0.0 + 1.0) / 3)  # "Nikon" scored against the later "canon"s
+    assert any("ask the same question twice" in w for w in r["warnings"])
+    # answers without 'prompt' read the question from LLaVA's question file, where it appears twice
+    qfile = _jsonl(tmp_path / "q.jsonl", [{"question_id": "img2", "text": "What brand?" + suffix}] * 2
+                   + [{"question_id": "img3", "text": "What year?" + suffix}])
+    no_prompt = [{"question_id": "img2", "text": "canon"}, {"question_id": "img2", "text": "canon"}]
+    r = score_textvqa(_jsonl(tmp_path / "np.jsonl", no_prompt), ann, qfile).to_dict()
+    assert r["counts"]["predicted"] == 2 and r["score"] == pytest.approx(100 * 2 / 3)
+    # asked twice in the same words: eval/generate.py answers once, and that answer stands for both, as LLaVA's
+    # two identical greedy answers would
+    same = [dict(data[0]), dict(data[1], question="What brand?"), data[2]]
+    ann_same = _write(tmp_path / "TextVQA_same.json", {"data": same})
+    once = [{"question_id": "img2", "prompt": "What brand?" + suffix, "text": "canon"}]
+    r = score_textvqa(_jsonl(tmp_path / "once.jsonl", once), ann_same).to_dict()
+    assert r["counts"]["predicted"] == 2 and r["score"] == pytest.approx(100 * 2 / 3)
+    assert any("used for both" in w for w in r["warnings"])
+    rows.append(rows[0])  # a third answer to a question asked twice is a real duplicate
+    with pytest.raises(EvalInputError, match=r"a3.jsonl:4: more answers for image 'img2'"):
+        score_textvqa(_jsonl(tmp_path / "a3.jsonl", rows), ann)
 
 
 def test_llava_textvqa_prompt_forms():

@@ -1,8 +1,10 @@
-"""Answer normalisation of the official VQA evaluator and of EvalAI's answer processor, rule for rule.
+"""Answer normalisation of the official VQA and VizWiz evaluators and of EvalAI's answer processor, rule for rule.
 
-Two public implementations matter for the published numbers:
+Three public implementations matter for the published numbers:
 - the official VQA evaluator (GT-Vision-Lab/VQA, vqaEval.py): `process_punctuation` and
   `process_digit_article`; it applies them only when the ten human answers disagree (see vqa.py);
+- the official VizWiz evaluator (the VizWiz VQA API's vqaEval.py): the same two steps on the prediction, but its
+  contraction table writes most apostrophes as U+2019 (see VIZWIZ_CONTRACTIONS);
 - EvalAI's answer processor (MMF's `EvalAIAnswerProcessor`, copied into LLaVA's m4c_evaluator.py): the same
   two steps after lower-casing and dropping ',' and '?'. LLaVA runs it on every raw answer before VQAv2 and
   VizWiz submission, and the TextVQA evaluator runs it on predictions and human answers alike.
@@ -41,6 +43,16 @@ you'dve=you'd've youll=you'll youre=you're youve=you've
 """
 CONTRACTIONS: dict[str, str] = dict(item.split("=", 1) for item in _CONTRACTIONS_TABLE.split())
 
+# The VizWiz API's table: the VQA table retyped with typographic apostrophes (U+2019), except the entries below,
+# which it keeps with the ASCII apostrophe. So "isnt" becomes "isn’t" there and never equals a human "isn't".
+_VIZWIZ_ASCII_KEYS = {"couldn'tve", "hadn'tve"}
+_VIZWIZ_ASCII_VALUES = {"aint", "arent", "cant", "couldve", "couldnt", "weve", "wheres", "whove"}
+VIZWIZ_CONTRACTIONS: dict[str, str] = {
+    (k if k in _VIZWIZ_ASCII_KEYS else k.replace("'", "\u2019")):
+        (v if k in _VIZWIZ_ASCII_VALUES else v.replace("'", "\u2019"))
+    for k, v in CONTRACTIONS.items()
+}
+
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
     "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
@@ -70,11 +82,12 @@ def process_punctuation(text: str) -> str:
     return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
-def process_digit_article(text: str) -> str:
-    """Lower-case, number words -> digits ("none" -> "0"), drop a/an/the, restore contractions."""
+def process_digit_article(text: str, contractions: dict[str, str] = CONTRACTIONS) -> str:
+    """Lower-case, number words -> digits ("none" -> "0"), drop a/an/the, restore contractions (VQA's table
+    unless another is given)."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [w for w in words if w not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+    return " ".join(contractions.get(w, w) for w in words)
 
 
 def clean_whitespace(text: str) -> str:
@@ -85,6 +98,11 @@ def clean_whitespace(text: str) -> str:
 def vqa_normalize(text: str) -> str:
     """Both of the official evaluator's steps, in its order."""
     return process_digit_article(process_punctuation(text))
+
+
+def vizwiz_normalize(text: str) -> str:
+    """The VizWiz evaluator's steps on a prediction: whitespace, punctuation, digits/articles, its own contractions."""
+    return process_digit_article(process_punctuation(clean_whitespace(text)), VIZWIZ_CONTRACTIONS)
 
 
 def evalai_normalize(text: str) -> str:

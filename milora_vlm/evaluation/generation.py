@@ -1,8 +1,13 @@
 """Generating answers to a question file, resumably, with the prompt code training uses.
 
-Questions: LLaVA's eval JSONL (`question_id`, `image`, `text`), or a text-task file (`question_id`, `text`; the
+Questions: LLaVA's eval JSONL (`question_id`, `image`, `text`), LLaVA's conversation-style question files
+(ScienceQA's llava_test_CQM-A.json: `id`, `image`, `conversations`, whose first turn is the question with
+`<image>` removed, as LLaVA's model_vqa_science reads it), or a text-task file (`question_id`, `text`; the
 LLM-Adapters / MetaMath test files' `instruction` / `query` / `question` / `problem` also work, and records
-without `question_id` are numbered from 0, as the scorers number them). Answers: JSONL records
+without `question_id` are numbered from 0, as the scorers number them). A question text takes at most one
+`<image>`, and only with an image: anything else is an error naming file and line before the model loads.
+An image that cannot be decoded, or declares more pixels than PIL's decompression-bomb limit, is skipped,
+counted and named in the report. Answers: JSONL records
 {question_id, prompt, text, model_id} in LLaVA's answer format (`prompt` is the question text as given).
 
 Resuming: answers already in the output file are skipped, each batch is appended and flushed, and a last line
@@ -16,17 +21,19 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from milora_vlm.data.images import image_token_count, process_images
 from milora_vlm.data.records import load_image, resolve_image_path
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER, SkipSample, Template, encode_conversation
 
-from .inputs import EvalInputError, first_key, load_records
+from .inputs import EvalInputError, decode_utf8, first_key, load_records
 
 TEXT_KEYS = ("text", "instruction", "query", "question", "problem")
 
@@ -47,25 +54,64 @@ def answer_key(qid: Any, prompt: str) -> str:
     return f"{qid}\x1f{prompt}"
 
 
-def read_questions(path: str) -> list[Question]:
-    questions: list[Question] = []
-    seen: dict[str, int] = {}
+# LLaVA's model_vqa_science --single-pred-prompt (its ScienceQA evaluation) appends this line to each question.
+SINGLE_PRED_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+def _question_text(rec: dict, path: str, line_no: int) -> str:
+    key = first_key(rec, TEXT_KEYS)
+    if key is None and "conversations" in rec:  # LLaVA's conversation-style file: the first turn, <image> removed
+        turns = rec["conversations"]
+        if not (isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str)):
+            raise EvalInputError(f"{path}:{line_no}: field 'conversations' must start with a turn that has a string 'value'")
+        return turns[0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+    if key is None or not isinstance(rec[key], str):
+        raise EvalInputError(f"{path}:{line_no}: missing question text (a string field, one of {list(TEXT_KEYS)}, "
+                             "or LLaVA's 'conversations')")
+    return rec[key]
+
+
+class QuestionList(list):
+    """Questions in file order; `repeated` names the lines dropped as repeats of an earlier one."""
+
+    def __init__(self):
+        super().__init__()
+        self.repeated: list[str] = []
+
+
+def read_questions(path: str, suffix: str = "") -> QuestionList:
+    """The questions of `path`; `suffix` (e.g. "\\n" + SINGLE_PRED_PROMPT) is appended to every text.
+
+    A line with the same question_id, text and image as an earlier one (LLaVA's TextVQA file has images that
+    ask the same question twice) is answered once: it is dropped and listed in `.repeated`."""
+    questions = QuestionList()
+    seen: dict[str, Question] = {}
     for index, (line_no, rec) in enumerate(load_records(path)):
-        qid = rec.get("question_id", index)
+        # LLaVA's conversation-style files name the question "id" (ScienceQA's problem id, which its scorer uses)
+        qid = rec.get("question_id", rec.get("id", index) if "conversations" in rec else index)
         if not isinstance(qid, (str, int)) or isinstance(qid, bool):
             raise EvalInputError(f"{path}:{line_no}: field 'question_id' must be a string or an integer")
-        key = first_key(rec, TEXT_KEYS)
-        if key is None or not isinstance(rec[key], str):
-            raise EvalInputError(f"{path}:{line_no}: missing question text (a string field, one of {list(TEXT_KEYS)})")
+        text = _question_text(rec, path, line_no) + suffix
         if rec.get("input"):
             raise EvalInputError(f"{path}:{line_no}: a non-empty 'input' field is not supported; fold it into the text")
         image = rec.get("image")
         if image is not None and not isinstance(image, str):
             raise EvalInputError(f"{path}:{line_no}: field 'image' must be a file name")
-        q = Question(qid, rec[key], image or None, line_no)
-        if q.key in seen:
-            raise EvalInputError(f"{path}:{line_no}: the same question_id and text as line {seen[q.key]}")
-        seen[q.key] = line_no
+        placeholders = text.count(IMAGE_PLACEHOLDER)
+        if placeholders > 1:
+            raise EvalInputError(f"{path}:{line_no}: the question has {placeholders} {IMAGE_PLACEHOLDER} placeholders; "
+                                 "a question takes one image")
+        if placeholders and not image:
+            raise EvalInputError(f"{path}:{line_no}: the question has {IMAGE_PLACEHOLDER} but no 'image' field")
+        q = Question(qid, text, image or None, line_no)
+        first = seen.get(q.key)
+        if first is not None and first.image != q.image:
+            raise EvalInputError(f"{path}:{line_no}: the same question_id and text as line {first.line_no}, "
+                                 "with another image")
+        if first is not None:
+            questions.repeated.append(f"{path}:{line_no} (as line {first.line_no})")
+            continue
+        seen[q.key] = q
         questions.append(q)
     return questions
 
@@ -88,6 +134,7 @@ def read_answers(path: str, model_id: str | None = None, repair: bool = True) ->
         data = f.read()
     done: dict[str, dict] = {}
     complete_end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
+    decode_utf8(data[:complete_end], path)  # non-UTF-8 bytes: an error naming the line
     for line_no, raw in enumerate(data[:complete_end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
@@ -219,13 +266,25 @@ class AnswerGenerator:
         return answers
 
 
+def _load_question_image(path: str) -> Image.Image:
+    """load_image, with PIL's decompression-bomb checks as a SkipSample too: an image over twice
+    Image.MAX_IMAGE_PIXELS raises DecompressionBombError, one over the limit only warns, and both are taken
+    as 'too large' here (the question is skipped), never as a crash or a huge allocation."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return load_image(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SkipSample("image_too_large", f"{path}: {e}") from None
+
+
 def _load_batch_images(batch: list[Question], settings: GenerationSettings, source: str, report: GenerationReport):
     """PIL images of the batch's questions; questions whose image cannot be decoded are dropped and reported."""
     images, kept = {}, []
     for q in batch:
         if q.image is not None:
             try:
-                images[q.key] = load_image(resolve_image_path(q.image, settings.image_folder))
+                images[q.key] = _load_question_image(resolve_image_path(q.image, settings.image_folder))
             except SkipSample as e:
                 report.skipped.append(f"{source}:{q.line_no}: {e.reason}: {e.detail}")
                 continue

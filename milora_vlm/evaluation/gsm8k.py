@@ -1,10 +1,12 @@
-"""GSM8K as MetaMath's eval_gsm8k.py scores it (the MiLoRA paper's math protocol).
+"""GSM8K: MetaMath's eval_gsm8k.py (strict default), or the MiLoRA paper's grader (`--protocol milora`).
 
 The prediction is the first number (regex `[-+]?\\d*[.,/]?\\d+`) after the last "The answer is: " in the
 generation, with MetaMath's quirks kept: a fraction a/b becomes round(a / b), any other number is rounded to an
 integer with Python's round(), and one comma is allowed inside the number ("1,234" -> 1234, while "1,234,567"
 reads as 1234). Gold is the integer after "#### " in the reference answer (commas removed). Right when the
-two are numerically equal.
+two are numerically equal (strict). The MiLoRA repository's gsm8k_inference.py extracts the same number and
+also accepts `grader.math_equal(prediction, gold)`: within relative 1e-4 of gold, gold / 100 or gold * 100
+(see milora_grader.py), so "1800" is right for 18 there.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import unicodedata
 from fractions import Fraction
 
 from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id
+from .math_equivalence import check_protocol
+from .milora_grader import gsm8k_equal
 
 ANSWER_MARK = "The answer is: "
 _NUMBER = re.compile(r"[\-+]?\d*[\.,/]?\d+")
@@ -46,6 +50,8 @@ def extract_gsm8k_number(completion: str) -> int | None:
             return None
         if denominator == "0":
             return round(float(numerator.replace(",", "")))
+        if int(denominator) == 0:  # "5/00": the reference stops the whole run; here it is unparsable
+            return None
         return round(float(Fraction(number.replace(",", ""))))
     value = float(number.replace(",", ""))
     return None if value == float("inf") else round(value)
@@ -57,9 +63,10 @@ def gsm8k_gold(answer: str) -> float:
     return float(text.strip().replace(",", ""))
 
 
-def score_gsm8k(predictions: str, questions: str, allow_unknown: bool = False) -> Result:
+def score_gsm8k(predictions: str, questions: str, allow_unknown: bool = False, protocol: str = "strict") -> Result:
     """`questions`: GSM8K's test.jsonl ("question", "answer"), MetaMath's GSM8K_test.jsonl ("query", "response"),
     or this project's question JSONL with `answer`; records without `question_id` are numbered from 0."""
+    check_protocol(protocol)
     gold: dict[str, float] = {}
     for index, (line_no, rec) in enumerate(load_records(questions)):
         qid = record_id(rec, line_no, index, questions, allow_index=True)
@@ -80,7 +87,10 @@ def score_gsm8k(predictions: str, questions: str, allow_unknown: bool = False) -
         pred = extract_gsm8k_number(text) if text is not None else None
         if text is not None and pred is None:
             counts.unparsable += 1
-        correct += pred is not None and float(pred) == gold[qid]
+        if pred is not None:
+            correct += float(pred) == gold[qid] if protocol == "strict" else gsm8k_equal(pred, gold[qid])
     accuracy = pct(correct, len(aligned))
-    return Result("gsm8k", accuracy, {"accuracy": accuracy}, counts,
-                  "MetaMath eval_gsm8k.py: number after the last 'The answer is: '", coverage_warnings(counts))
+    description = ("milora: MiLoRA repo gsm8k_inference.py, equal or grader.math_equal" if protocol == "milora" else
+                   "strict: MetaMath eval_gsm8k.py, number after the last 'The answer is: ', equal")
+    return Result("gsm8k", accuracy, {"accuracy": accuracy, "protocol": protocol}, counts, description,
+                  coverage_warnings(counts))

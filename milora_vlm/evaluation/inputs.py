@@ -22,6 +22,18 @@ class JsonlRecords(list):
     """Records of a JSONL file as (line_no, record) pairs, so errors can name the line."""
 
 
+def decode_utf8(data: bytes, path: str) -> str:
+    """`data` as text (a UTF-8 byte-order mark is dropped); bytes that are not UTF-8 are an EvalInputError
+    naming the line, column and byte, since guessing another encoding could silently change answers."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_no = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise EvalInputError(f"{path}:{line_no}: not UTF-8 (byte {data[e.start]:#04x} at column {column}); "
+                             "re-encode the file as UTF-8") from None
+
+
 def load_json_any(path: str | os.PathLike) -> Any:
     """A JSON document (any shape), or a list of the records of a JSONL file.
 
@@ -31,8 +43,8 @@ def load_json_any(path: str | os.PathLike) -> Any:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise EvalInputError(f"{path}: no such file")
-    with open(path, "r", encoding="utf-8-sig") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        text = decode_utf8(f.read(), path)
     if not path.endswith(".jsonl"):
         try:
             return json.loads(text)

@@ -1,11 +1,15 @@
-"""MATH (Hendrycks et al.) as MetaMath's eval_math.py scores it, with its known flaw fixed.
+"""MATH (Hendrycks et al.): the strict default protocol, and the MiLoRA paper's grader (`--protocol milora`).
 
-Prediction: the text after the last "The answer is: ", cut at the first ".\\n", stripped, one trailing '.'
-dropped (MetaMath). Gold: the record's `answer`, else the last \\boxed{...} of its `solution` / `output`.
-Both are normalised with Hendrycks' `strip_string` (units, \\left/\\right, dfrac, a/b -> \\frac{a}{b}, ...) and
-compared as strings; if that fails, as numbers; if that fails, symbolically with sympy under a per-item time
-limit. The reference grader answers "equal" whenever normalisation raises; here an exception while
-normalising makes the item WRONG, and such items are counted in the report.
+Both read the prediction as MetaMath's eval_math.py (and the MiLoRA repository's MATH_inference.py) do: the text
+after the last "The answer is: ", cut at the first ".\\n", stripped, one trailing '.' dropped. Gold: the record's
+`answer`, else the last \\boxed{...} of its `solution` / `output`; a solution without a braced \\boxed{...}
+(`\\boxed 7`, `\\fbox{3}`) has no gold answer there, so the item is wrong, and here it is also counted and named.
+
+strict (default, this project's own): Hendrycks' `strip_string` (units, \\left/\\right, dfrac, a/b ->
+\\frac{a}{b}, ...) on both, compared as strings; if that fails, as plain numbers (relative 1e-6); if that fails,
+symbolically with sympy under a per-item time limit. An exception while normalising makes the item WRONG and
+is counted. MetaMath's eval_math.py is the string comparison alone (an exception there compares raw strings).
+milora: the grader the MiLoRA paper's MATH and GSM8K figures come from, see milora_grader.py.
 """
 
 from __future__ import annotations
@@ -41,17 +45,21 @@ def _fix_fracs(string: str) -> str:
     return new_str
 
 
-def _fix_a_slash_b(string: str) -> str:
+def _fix_a_slash_b(string: str, value_error: bool = False) -> str:
+    """3/4 -> \\frac{3}{4}. A part that is no integer ("\\pi/2") leaves the string as it is, as in Hendrycks'
+    release; with value_error, int()'s ValueError goes out, as in MetaMath's and MiLoRA's copies."""
     if len(string.split("/")) != 2:
         return string
     a, b = string.split("/")
     try:
         a_int, b_int = int(a), int(b)
-        if string != f"{a_int}/{b_int}":
-            return string
-        return "\\frac{" + str(a_int) + "}{" + str(b_int) + "}"
     except ValueError:
+        if value_error:
+            raise
         return string
+    if string != f"{a_int}/{b_int}":
+        return string
+    return "\\frac{" + str(a_int) + "}{" + str(b_int) + "}"
 
 
 def _remove_right_units(string: str) -> str:
@@ -77,7 +85,8 @@ def _fix_sqrt(string: str) -> str:
     return new_string
 
 
-def strip_string(string: str) -> str:
+def strip_string(string: str, slash_value_error: bool = False) -> str:
+    """Hendrycks' normalisation; slash_value_error: the MiLoRA grader's variant (see _fix_a_slash_b)."""
     string = string.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
     string = string.replace("tfrac", "frac").replace("dfrac", "frac")
     string = string.replace("\\left", "").replace("\\right", "")
@@ -98,7 +107,7 @@ def strip_string(string: str) -> str:
     string = _fix_fracs(string)
     if string == "0.5":
         string = "\\frac{1}{2}"
-    return _fix_a_slash_b(string)
+    return _fix_a_slash_b(string, slash_value_error)
 
 
 def last_boxed_only_string(string: str) -> str | None:
@@ -232,57 +241,96 @@ def math_equal(prediction: str, gold: str, symbolic: TimeLimitedWorker | None) -
         return False, "timeout"
 
 
-def math_gold(rec: dict, path: str, line_no: int) -> str:
+PROTOCOLS = ("strict", "milora")
+
+
+def math_gold(rec: dict, path: str, line_no: int) -> str | None:
+    """The gold answer; None for a solution without a braced \\boxed{...} (scored wrong and counted)."""
     if isinstance(rec.get("answer"), str):
         return rec["answer"]
     for field in ("solution", "output"):
         if isinstance(rec.get(field), str):
-            boxed = remove_boxed(last_boxed_only_string(rec[field]))
-            if boxed is None:
-                raise EvalInputError(f"{path}:{line_no}: field {field!r} has no \\boxed{{...}} answer")
-            return boxed
+            return remove_boxed(last_boxed_only_string(rec[field]))
     raise EvalInputError(f"{path}:{line_no}: missing gold field 'answer' (or 'solution' / 'output')")
 
 
-def score_math(predictions: str, questions: str, time_limit: float = 5.0, allow_unknown: bool = False) -> Result:
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise EvalInputError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def score_math(predictions: str, questions: str, time_limit: float = 5.0, allow_unknown: bool = False,
+               protocol: str = "strict") -> Result:
     """`questions`: the MATH test set (Hendrycks' "problem"/"solution", MetaMath's MATH_test.jsonl
     "instruction"/"output", or this project's question JSONL with `answer`); records without `question_id` are
-    numbered from 0. time_limit <= 0 turns the symbolic comparison off."""
-    gold: dict[str, tuple[str, str | None]] = {}
+    numbered from 0. strict: time_limit <= 0 turns the symbolic comparison off; milora: time_limit <= 0 runs
+    sympy without a limit, as the reference does."""
+    from . import milora_grader  # imports this module
+
+    check_protocol(protocol)
+    gold: dict[str, tuple[str | None, str | None]] = {}
+    no_boxed: list[str] = []
     for index, (line_no, rec) in enumerate(load_records(questions)):
         qid = record_id(rec, line_no, index, questions, allow_index=True)
         if qid in gold:
             raise EvalInputError(f"{questions}:{line_no}: duplicate question_id {qid!r}")
-        gold[qid] = (math_gold(rec, questions, line_no), rec.get("type"))
+        answer = math_gold(rec, questions, line_no)
+        if answer is None:
+            no_boxed.append(f"{questions}:{line_no}")
+        gold[qid] = (answer, rec.get("type"))
     preds = load_predictions(predictions)
     aligned, counts = align(list(gold), preds, allow_unknown)
     symbolic = TimeLimitedWorker(time_limit) if time_limit > 0 else None
     how_counts: dict[str, int] = defaultdict(int)
     per_type: dict[str, list[bool]] = defaultdict(list)
-    correct = 0
+    correct = reference_correct = 0
     try:
         for qid, text in aligned.items():
             answer, subject = gold[qid]
             pred = extract_math_answer(text) if text is not None else None
             if text is not None and pred is None:
                 counts.unparsable += 1
-            ok, how = math_equal(pred, answer, symbolic) if pred is not None else (False, "no_answer")
+            reference_ok = None
+            if pred is None:
+                ok, how = False, "no_answer"
+            elif answer is None:
+                ok, how = False, "gold_without_boxed"
+            elif protocol == "strict":
+                ok, how = math_equal(pred, answer, symbolic)
+            else:
+                try:
+                    ok, reference_ok = milora_grader.is_equiv(pred, answer, symbolic)
+                    how = "equal" if ok else "different"
+                    if reference_ok is not None:
+                        how = "exception_path"
+                except TimeoutError:
+                    ok, how = False, "timeout"
             how_counts[how] += 1
             correct += ok
+            reference_correct += ok if reference_ok is None else reference_ok
             if subject is not None:
                 per_type[str(subject)].append(ok)
     finally:
         if symbolic is not None:
             symbolic.close()
     accuracy = pct(correct, len(aligned))
-    metrics = {"accuracy": accuracy, "decided_by": dict(sorted(how_counts.items()))}
+    metrics = {"accuracy": accuracy, "protocol": protocol, "decided_by": dict(sorted(how_counts.items()))}
     if per_type:
         metrics["per_type"] = {t: pct(sum(v), len(v)) for t, v in sorted(per_type.items())}
     warnings = coverage_warnings(counts)
+    if no_boxed:
+        warnings.append(f"{len(no_boxed)} gold solutions have no braced \\boxed{{...}} answer, scored wrong as the "
+                        f"references do: {', '.join(no_boxed[:5])}")
     if how_counts.get("normalisation_error"):
-        warnings.append(f"{how_counts['normalisation_error']} items raised in strip_string: scored WRONG "
-                        "(the reference grader would have scored them right)")
+        warnings.append(f"{how_counts['normalisation_error']} items raised in strip_string: scored WRONG")
+    if protocol == "milora":
+        metrics["accuracy_with_reference_exception_path"] = pct(reference_correct, len(aligned))
+        if how_counts.get("exception_path"):
+            warnings.append(f"{how_counts['exception_path']} items raised in strip_string and were scored by "
+                            "comparing prediction and gold; the reference grader scores them RIGHT "
+                            "(accuracy_with_reference_exception_path)")
     if how_counts.get("timeout"):
         warnings.append(f"{how_counts['timeout']} symbolic comparisons ran past {time_limit} s: scored wrong")
-    return Result("math", accuracy, metrics, counts,
-                  "MetaMath eval_math.py extraction + Hendrycks strip_string, numeric, sympy", warnings)
+    description = ("milora: MiLoRA repo MATH_inference.py + grader.math_equal" if protocol == "milora" else
+                   "strict: MetaMath extraction + Hendrycks strip_string, numeric, sympy")
+    return Result("math", accuracy, metrics, counts, description, warnings)

@@ -7,7 +7,8 @@ averaged over the splits (random, popular, adversarial), the number LLaVA-1.5 an
 Gold labels come either from the question file itself (rows with `category` and `label`), or, for LLaVA's
 llava_pope_test.jsonl, from POPE's label files coco_pope_<split>.json in --annotation-dir. LLaVA pairs answers and
 labels by position; here they are paired by (split, image, question text), so order and gaps cannot shift them.
-A missing answer counts as the wrong label.
+A missing answer counts as the wrong label. An empty answer reads "yes", as in LLaVA; since it means the model
+produced nothing, their number is reported (`empty_answers`, per split and in total).
 """
 
 from __future__ import annotations
@@ -96,15 +97,22 @@ def score_pope(predictions: str, questions: str, annotation_dir: str | None = No
     preds = load_predictions(predictions)
     aligned, counts = align(list(gold), preds, allow_unknown)
     pairs: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    empty: dict[str, int] = defaultdict(int)
     for qid, text in aligned.items():
         split, label = gold[qid]
+        if text is not None and not text.strip():
+            empty[split] += 1
         pred = pope_answer(text) if text is not None else ("no" if label == "yes" else "yes")
         pairs[split].append((pred, label))
     per_split, warnings = {}, []
     for split in sorted(pairs):
         per_split[split], w = binary_metrics(pairs[split])
+        per_split[split]["empty_answers"] = empty[split]
         warnings += [f"split {split!r}: {m}" for m in w]
     mean = {k: sum(m[k] for m in per_split.values()) / len(per_split) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-    metrics = {"per_split": per_split, "mean": mean}
+    metrics = {"per_split": per_split, "mean": mean, "empty_answers": sum(empty.values())}
+    if metrics["empty_answers"]:
+        warnings.append(f"{metrics['empty_answers']} answers are empty (the model produced nothing): scored 'yes', "
+                        "as LLaVA's eval_pope does")
     return Result("pope", mean["f1"], metrics, counts, "LLaVA eval_pope.py yes/no parsing; score = mean F1 over splits",
                   warnings + coverage_warnings(counts))

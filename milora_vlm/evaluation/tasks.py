@@ -40,8 +40,10 @@ TASKS: dict[str, Task] = {
     "mme": Task(score_mme, ("predictions", "questions"), ("mme_root", "allow_unknown"), "MME perception/cognition"),
     "commonsense": Task(score_commonsense, ("predictions", "questions"), ("dataset", "allow_unknown"),
                         "LLM-Adapters commonsense accuracy"),
-    "gsm8k": Task(score_gsm8k, ("predictions", "questions"), ("allow_unknown",), "MetaMath GSM8K accuracy"),
-    "math": Task(score_math, ("predictions", "questions"), ("time_limit", "allow_unknown"), "MATH accuracy"),
+    "gsm8k": Task(score_gsm8k, ("predictions", "questions"), ("allow_unknown", "protocol"),
+                  "GSM8K accuracy (strict: MetaMath; --protocol milora: the MiLoRA paper's grader)"),
+    "math": Task(score_math, ("predictions", "questions"), ("time_limit", "allow_unknown", "protocol"),
+                 "MATH accuracy (strict default; --protocol milora: the MiLoRA paper's grader)"),
     "exact": Task(score_exact, ("predictions", "questions"), ("allow_unknown",), "normalised exact match"),
 }
 

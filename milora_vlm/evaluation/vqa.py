@@ -5,7 +5,8 @@ prediction given by 0, 1, 2, 3, >=4 humans scores 0, 0.3, 0.6, 0.9, 1.0. They di
 - VQAv2 (official evaluator, GT-Vision-Lab/VQA master): human answers and prediction are whitespace-cleaned; the
   punctuation / number / article / contraction rules are applied to *both* only when the human answers
   disagree. When all ten agree the prediction must equal their text exactly ("Yes" scores 0 against "yes").
-- VizWiz (its official evaluator): the prediction is always normalised, the human answers never.
+- VizWiz (its official evaluator): the prediction is always normalised, the human answers never, and its
+  contraction table differs from VQA's (typographic apostrophes: "isnt" -> "isn’t" matches no human "isn't").
 - TextVQA (LLaVA's m4c_evaluator, from MMF): EvalAI's processor on the prediction and on every human answer.
 
 Raw generations (this project's / LLaVA's answers JSONL) first go through the conversion step LLaVA runs before
@@ -20,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from .answer_processing import clean_whitespace, evalai_normalize, vqa_normalize
+from .answer_processing import clean_whitespace, evalai_normalize, vizwiz_normalize, vqa_normalize
 from .inputs import (
     EvalInputError,
     Predictions,
@@ -59,7 +60,7 @@ def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
 
 def vizwiz_accuracy(prediction: str, human_answers: list[str]) -> float:
     """The official VizWiz evaluator's per-question accuracy in [0, 1]."""
-    return _leave_one_out(vqa_normalize(clean_whitespace(prediction)), list(human_answers))
+    return _leave_one_out(vizwiz_normalize(prediction), list(human_answers))
 
 
 def textvqa_accuracy(prediction: str, human_answers: list[str]) -> float:
@@ -227,8 +228,8 @@ def score_textvqa(
     """
     del answer_processing
     gold: dict[str, HumanAnswers] = {}
-    by_image_question: dict[str, str] = {}
-    warnings: list[str] = []
+    by_image_question: dict[str, list[str]] = defaultdict(list)  # (image, question) -> ids in file order
+    asked: dict[str, str] = {}
     for index, (line_no, rec) in enumerate(_records_under(annotations, "data")):
         qid = record_id(rec, line_no, index, annotations)
         if qid in gold:
@@ -236,10 +237,8 @@ def score_textvqa(
         gold[qid] = HumanAnswers(_human_answers(rec, annotations, line_no), "all")
         image_id = require(rec, "image_id", annotations, line_no)
         question = require(rec, "question", annotations, line_no)
-        compound = f"{image_id}\x1f{question.lower()}"
-        if compound in by_image_question:
-            warnings.append(f"{annotations}:{line_no}: image {image_id!r} asks {question!r} twice; the last is used, as in LLaVA")
-        by_image_question[compound] = qid
+        by_image_question[f"{image_id}\x1f{question.lower()}"].append(qid)
+        asked[qid] = question
     records = load_records(predictions)
     ids = [record_id(r, n, i, predictions) for i, (n, r) in enumerate(records)]
     question_texts: dict[str, list[str]] = defaultdict(list)
@@ -247,19 +246,31 @@ def score_textvqa(
         for index, (line_no, rec) in enumerate(load_records(questions)):
             question_texts[record_id(rec, line_no, index, questions)].append(require(rec, "text", questions, line_no))
     llava_keyed = bool(ids) and not all(q in gold for q in ids)
+    warnings: list[str] = []
+    repeated = {c: qids for c, qids in by_image_question.items() if len(qids) > 1}
+    if llava_keyed and repeated:
+        # LLaVA keys its annotations by (image, lower-cased question), so the last of a repeated pair wins, and
+        # every answer to that question is scored against the last one's human answers.
+        for qids in repeated.values():
+            for qid in qids[:-1]:
+                gold[qid] = gold[qids[-1]]
+        warnings.append(f"{len(repeated)} images ask the same question twice (case-insensitive), e.g. question_ids "
+                        f"{next(iter(repeated.values()))}: each answer to it is scored against the last one's human "
+                        "answers, as LLaVA's eval_textvqa does")
+    answered: dict[str, int] = defaultdict(int)
 
     def key(rec: dict, qid: str) -> str:
         if not llava_keyed:
             return qid
         prompt = rec.get("prompt")
         if not isinstance(prompt, str):
-            candidates = question_texts.get(qid, [])
+            candidates = set(question_texts.get(qid, []))  # one text, possibly asked twice
             if len(candidates) != 1:
                 raise ValueError(
                     f"id {qid!r} is not a TextVQA question_id and the record has no 'prompt' to read the question "
                     "from (pass the LLaVA question file with --questions)"
                 )
-            prompt = candidates[0]
+            prompt = candidates.pop()
         try:
             compound = f"{qid}\x1f{llava_textvqa_question(prompt)}"
         except ValueError as e:
@@ -271,9 +282,26 @@ def score_textvqa(
                 f"no TextVQA annotation for image {qid!r} with that question "
                 "(pass --allow-unknown to ignore such predictions)"
             )
-        return by_image_question[compound]
+        # the k-th answer to a repeated question takes the k-th of its ids (all scored alike, see above)
+        k, answered[compound] = answered[compound], answered[compound] + 1
+        if k >= len(by_image_question[compound]):
+            raise ValueError(f"more answers for image {qid!r} and this question than the annotations ask "
+                             f"({len(by_image_question[compound])})")
+        return by_image_question[compound][k]
 
     preds = load_predictions(predictions, key_fn=key)
+    if llava_keyed:
+        # eval/generate.py answers a question asked twice in exactly the same words once (the prompts are the same);
+        # LLaVA's run answers it twice, identically when greedy: that answer stands for both.
+        reused = 0
+        for qids in repeated.values():
+            answered_ids = [q for q in qids if q in preds.texts]
+            if answered_ids and len({asked[q] for q in qids}) == 1:
+                for q in qids:
+                    if q not in preds.texts:
+                        preds.texts[q], reused = preds.texts[answered_ids[-1]], reused + 1
+        if reused:
+            warnings.append(f"{reused} answers to a question asked twice in the same words were used for both")
     aligned, counts = align(list(gold), preds, allow_unknown)
     scores = {q: (textvqa_accuracy(t, gold[q].answers) if t is not None else 0.0) for q, t in aligned.items()}
     result = _result("textvqa", scores, gold, counts, "LLaVA m4c TextVQA evaluator (EvalAI processing)", warnings,
