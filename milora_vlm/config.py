@@ -74,6 +74,10 @@ class DataSection:
       "resize" stretches it to the processor's size; "native" leaves it to the processor (CLIP: centre crop).
     group_by_modality_length: LLaVA's sampler: each optimizer step sees image samples on every rank or text-only
       samples on every rank, grouped by (estimated) length.
+    too_long: a sample longer than max_length is cut there ("truncate", LLaVA) or skipped and counted ("drop").
+    leading_assistant: an assistant turn before any question is dropped and the record kept ("drop_turn", LLaVA
+      and data_prep) or the whole record is skipped and counted ("skip_record").
+    image_to_front: move `<image>` to the front of its turn ("<image>\n" + text), as LLaVA's preprocess_multimodal.
     """
 
     train_file: Optional[str] = None
@@ -82,6 +86,9 @@ class DataSection:
     max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata=_choices("pad", "resize", "native"))
     group_by_modality_length: bool = False
+    too_long: str = field(default="truncate", metadata=_choices("truncate", "drop"))
+    leading_assistant: str = field(default="drop_turn", metadata=_choices("drop_turn", "skip_record"))
+    image_to_front: bool = True
 
 
 @dataclass

@@ -126,6 +126,9 @@ def run(recipe: Recipe) -> str:
         image_token_id=loaded.image_token_id,
         num_image_tokens=loaded.num_image_tokens,
         image_aspect_ratio=d.image_aspect_ratio,
+        too_long=d.too_long,
+        leading_assistant=d.leading_assistant,
+        image_to_front=d.image_to_front,
     )
     vcfg = loaded.model.config.vision_config if is_llava else None
     collator = ConversationCollator(
