@@ -136,3 +136,39 @@ def test_paper_llava_recipe_starts_on_cpu_with_only_paths_overridden(tmp_path, t
     assert sum("training.tf32: true needs" in line for line in out.splitlines()) == 1
     saved = (tmp_path / "runs" / "llava15_7b_milora" / "milora_recipe.yaml").read_text()
     assert "tf32: false" in saved
+
+
+def test_merged_export_reads_base_from_adapter_config_and_carries_the_recipe(tiny_causal_lm_dir, tmp_path):
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from milora_vlm.inference import recipe_template
+    from milora_vlm.milora import MiLoRAConfig, apply_milora, save_milora
+
+    model = apply_milora(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir),
+                         MiLoRAConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    run = tmp_path / "run"
+    save_milora(model, run / "checkpoint-1")  # a checkpoint inside a run's output_dir, which holds the recipe
+    (run / "milora_recipe.yaml").write_text("data:\n  template: alpaca\n")
+    spec = importlib.util.spec_from_file_location("export_cli", REPO / "scripts" / "export_adapter.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    cli.main(["--adapter", str(run / "checkpoint-1"), "--to", "merged", "--output", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "model.safetensors").exists()
+    assert recipe_template(tmp_path / "merged") == "alpaca"
+
+
+def test_resume_with_other_total_steps_says_the_schedule_is_stitched(caplog):
+    from types import SimpleNamespace
+
+    from milora_vlm.train.callbacks import StitchedScheduleNote
+
+    args = SimpleNamespace(lr_scheduler_type="cosine")
+    note = StitchedScheduleNote("out/checkpoint-500", 1000)
+    note.on_train_begin(args, SimpleNamespace(max_steps=1000, is_world_process_zero=True), None)
+    assert note.message is None
+    with caplog.at_level("WARNING"):
+        note.on_train_begin(args, SimpleNamespace(max_steps=2000, is_world_process_zero=True), None)
+    assert "stitched" in note.message and "1000" in note.message and "2000" in note.message
+    assert note.message in caplog.text

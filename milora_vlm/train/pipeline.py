@@ -17,7 +17,7 @@ import torch
 from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
 
 from . import distributed
-from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
+from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StitchedScheduleNote
 from .checkpoint import check_resume_compatible, resolve_resume
 from .guards import TrainingStopped
 from .skips import SkipCounter
@@ -112,6 +112,16 @@ def training_arguments(recipe: Recipe):
     return TrainingArguments(**kw)
 
 
+def _saved_max_steps(checkpoint: str) -> int | None:
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # resume checks (checkpoint.py) report a damaged checkpoint
+
+
 def model_dtype(recipe: Recipe, args) -> torch.dtype:
     from milora_vlm.model.build import resolve_dtype
 
@@ -177,6 +187,10 @@ def run(recipe: Recipe) -> str:
         vision_keepalive=is_llava and distributed.world_size() > 1,
     )
     callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
+    if resume is not None:
+        saved = _saved_max_steps(resume)
+        if saved is not None:
+            callbacks.append(StitchedScheduleNote(resume, saved))
     if os.environ.get(REFERENCE_ENV):
         callbacks.append(ReferenceLogitsCallback(dataset, collator, int(os.environ[REFERENCE_ENV])))
     trainer = MiLoRATrainer(
