@@ -156,6 +156,11 @@ def test_alpaca_equals_llm_adapters(tok, tmp_path, image_dir):
     assert (ids, labels) == (ref_ids, ref_labels), _show(tok, ids, labels)
     prompt = _prompt_builder(tok, "alpaca").prompt_ids(Question(1, instruction, None, 1), 0)
     assert prompt == ref.BosTokenizer(tok).ids(ref.alpaca_prompt(instruction))
+    # MetaMath-style "--answer-prefix": tokenised with the prompt, as the reference tokenises its whole prompt
+    gen = _prompt_builder(tok, "alpaca")
+    gen.settings = GenerationSettings(template=get_template("alpaca"), answer_prefix="Let's think step by step.")
+    prompt = gen.prompt_ids(Question(1, instruction, None, 1), 0)
+    assert prompt == ref.BosTokenizer(tok).ids(ref.alpaca_prompt(instruction) + "Let's think step by step.")
 
 
 @pytest.mark.parametrize("name", ["llama3", "chatml"])

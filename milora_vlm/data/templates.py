@@ -281,6 +281,7 @@ def encode_conversation(
     max_length: int | None = None,
     add_generation_prompt: bool = False,
     too_long: str = "truncate",
+    answer_prefix: str = "",
 ) -> Encoded:
     """Token ids and labels (IGNORE_INDEX outside assistant pieces) for one conversation.
 
@@ -290,12 +291,17 @@ def encode_conversation(
     A sample longer than `max_length` is cut there (too_long="truncate", LLaVA's behaviour) or skipped
     (too_long="drop", SkipSample "too_long"). Truncation never cuts through image tokens and never leaves a
     sample without a target: both raise SkipSample, which the caller counts.
+    `answer_prefix` (generation prompts only) is text the answer starts with, tokenised with the prompt.
     """
     if isinstance(template, str):
         template = get_template(template)
     if too_long not in TOO_LONG_POLICIES:
         raise ValueError(f"too_long must be one of {TOO_LONG_POLICIES}, got {too_long!r}")
     pieces = render_pieces(template, conversations, tokenizer.eos_token or "", add_generation_prompt)
+    if answer_prefix:
+        if not add_generation_prompt:
+            raise ValueError("answer_prefix is for generation prompts (add_generation_prompt=True)")
+        pieces.append((answer_prefix, False))
     # Cut the pieces at each <image> into chunks of text, remembering the target spans within each chunk.
     chunks: list[tuple[str, list[tuple[int, int]]]] = [("", [])]
     for text, is_target in pieces:
