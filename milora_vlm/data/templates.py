@@ -222,12 +222,14 @@ def image_to_front(conversations: Sequence[dict]) -> list[dict]:
 
 def drop_leading_assistant(conversations: Sequence[dict]) -> list[dict]:
     """LLaVA's preprocess_v1: an assistant turn before any question is dropped (after a system turn, if any)."""
+    def role(turn) -> str:
+        r = turn.get("from", turn.get("role")) if isinstance(turn, dict) else None
+        return r.lower() if isinstance(r, str) else ""
+
     turns = list(conversations)
-    start = 1 if turns and isinstance(turns[0], dict) and str(turns[0].get("from", turns[0].get("role", ""))).lower() == "system" else 0
-    if len(turns) > start + 1 and isinstance(turns[start], dict):
-        role = turns[start].get("from", turns[start].get("role"))
-        if isinstance(role, str) and role.lower() in ASSISTANT_ROLES:
-            return turns[:start] + turns[start + 1 :]
+    start = 1 if turns and role(turns[0]) == "system" else 0
+    if len(turns) > start + 1 and role(turns[start]) in ASSISTANT_ROLES:
+        return turns[:start] + turns[start + 1 :]
     return turns
 
 
