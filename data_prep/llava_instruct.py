@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     image_tokens = args.image_tokens
     if args.tokenizer is not None and image_tokens is None:
-        image_tokens = image_tokens_from_processor(args.tokenizer)
+        try:
+            image_tokens = image_tokens_from_processor(args.tokenizer)
+        except ValueError as e:  # a processor that cannot count image tokens (no patch_size)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if image_tokens is None:
             print(f"error: {args.tokenizer} has no llava image processor to count image tokens with; "
                   "give --image-tokens N (0 for text-only data)", file=sys.stderr)

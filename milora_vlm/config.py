@@ -74,6 +74,10 @@ class DataSection:
       "resize" stretches it to the processor's size; "native" leaves it to the processor (CLIP: centre crop).
     group_by_modality_length: LLaVA's sampler: each optimizer step sees image samples on every rank or text-only
       samples on every rank, grouped by (estimated) length.
+    too_long: a sample longer than max_length is cut there ("truncate", LLaVA) or skipped and counted ("drop").
+    leading_assistant: an assistant turn before any question is dropped and the record kept ("drop_turn", LLaVA
+      and data_prep) or the whole record is skipped and counted ("skip_record").
+    image_to_front: move `<image>` to the front of its turn ("<image>\n" + text), as LLaVA's preprocess_multimodal.
     """
 
     train_file: Optional[str] = None
@@ -82,6 +86,9 @@ class DataSection:
     max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata=_choices("pad", "resize", "native"))
     group_by_modality_length: bool = False
+    too_long: str = field(default="truncate", metadata=_choices("truncate", "drop"))
+    leading_assistant: str = field(default="drop_turn", metadata=_choices("drop_turn", "skip_record"))
+    image_to_front: bool = True
 
 
 @dataclass
@@ -426,6 +433,19 @@ def _check_model_source(key: str, value: Optional[str]) -> None:
     raise ConfigError(f"{key}: {value!r} does not exist (give a local directory or a hub id such as org/name)")
 
 
+def _did_you_mean_path(path: str) -> str:
+    """ " (did you mean 'x'?)" for a sibling directory whose name is close to `path`'s, else ""."""
+    parent, name = os.path.split(os.path.normpath(path))
+    try:
+        siblings = [e for e in os.listdir(parent or ".") if os.path.isdir(os.path.join(parent or ".", e))]
+    except OSError:
+        return "; if it should be an existing checkpoint, check its spelling"
+    close = difflib.get_close_matches(name, siblings, n=1)
+    if close:
+        return f"; did you mean {os.path.join(parent, close[0])!r}?"
+    return "; if it should be an existing checkpoint, check its spelling"
+
+
 def _check_paths(r: Recipe) -> None:
     m, d = r.model, r.data
     composing = m.language_model is not None or m.vision_tower is not None
@@ -437,10 +457,14 @@ def _check_paths(r: Recipe) -> None:
             "model.vision_tower to compose a LLaVA there, or bootstrap: tiny to build a tiny one there"
         )
     if composing and not os.path.exists(m.path):  # the sources matter only while model.path is still to be built
-        _check_model_source("model.language_model", m.language_model)
-        _check_model_source("model.vision_tower", m.vision_tower)
-        if m.projector_weights is not None and not os.path.isfile(m.projector_weights):
-            raise ConfigError(f"model.projector_weights: no such file {m.projector_weights!r}")
+        try:
+            _check_model_source("model.language_model", m.language_model)
+            _check_model_source("model.vision_tower", m.vision_tower)
+            if m.projector_weights is not None and not os.path.isfile(m.projector_weights):
+                raise ConfigError(f"model.projector_weights: no such file {m.projector_weights!r}")
+        except ConfigError as e:  # the real cause may be a misspelt model.path that sent the recipe composing
+            raise ConfigError(f"{e}; it is needed because model.path {m.path!r} does not exist, so the recipe would "
+                              f"compose a new LLaVA there{_did_you_mean_path(m.path)}") from None
     if d.train_file is None:
         raise ConfigError("data.train_file is required (LLaVA conversation .json or .jsonl)")
     if not d.train_file.endswith((".json", ".jsonl")):

@@ -118,11 +118,36 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     return output_dir
 
 
+def adapter_base(adapter_dir: str | os.PathLike) -> str:
+    """The base checkpoint an adapter names in adapter_config.json (base_model_name_or_path)."""
+    import json
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the base model from it ({e}); pass --base") from None
+    if not base:
+        raise ValueError(f"{path} names no base_model_name_or_path; pass --base (the checkpoint it was trained on)")
+    return base
+
+
+def copy_recipe(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """The training recipe goes with the export, so generation finds its template (inference.recipe_template)."""
+    from .config import RECIPE_FILENAME
+
+    for where in (Path(adapter_dir), Path(adapter_dir).parent):  # a run's output_dir, or a checkpoint-N in it
+        if (where / RECIPE_FILENAME).is_file():
+            shutil.copyfile(where / RECIPE_FILENAME, Path(output_dir) / RECIPE_FILENAME)
+            return
+
+
 def export_adapter(adapter_dir, base, to: str, output_dir) -> Path:
     if to == "merged":
-        if base is None:
-            raise ValueError("--to merged needs --base (the original base checkpoint the adapter was trained on)")
-        return export_merged(adapter_dir, base, output_dir)
-    if to == "lora":
-        return export_lora(adapter_dir, output_dir)
-    raise ValueError(f"--to {to!r}: choose one of {FORMATS}")
+        out = export_merged(adapter_dir, base if base is not None else adapter_base(adapter_dir), output_dir)
+    elif to == "lora":
+        out = export_lora(adapter_dir, output_dir)
+    else:
+        raise ValueError(f"--to {to!r}: choose one of {FORMATS}")
+    copy_recipe(adapter_dir, out)
+    return out

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a trained MiLoRA adapter (a save_milora directory) as a merged checkpoint or a plain rank-2r LoRA.
 
-    python scripts/export_adapter.py --adapter runs/x/adapter --base path/to/base --to merged --output out/merged
+    python scripts/export_adapter.py --adapter runs/x/adapter [--base path/to/base] --to merged --output out/merged
     python scripts/export_adapter.py --adapter runs/x/adapter --to lora --output out/lora_2r
 """
 
@@ -16,14 +16,16 @@ from milora_vlm.export import FORMATS, export_adapter
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="directory written by save_milora (or a checkpoint-N of it)")
-    parser.add_argument("--base", help="the original base checkpoint (needed for --to merged)")
+    parser.add_argument("--base", help="the original base checkpoint for --to merged (default: the one the adapter's "
+                        "adapter_config.json names)")
     parser.add_argument("--to", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.to == "merged" and not args.base:
-        parser.error("--to merged needs --base")
-    out = export_adapter(args.adapter, args.base, args.to, args.output)
+    try:
+        out = export_adapter(args.adapter, args.base, args.to, args.output)
+    except ValueError as e:
+        parser.error(str(e))
     print(f"exported {args.adapter} as {args.to} to {out}")
 
 

@@ -44,3 +44,26 @@ def tiny_causal_lm_dir(tmp_path_factory, tiny_tokenizer):
     build_tiny_causal_lm(tiny_tokenizer).save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_sp_model_dir(tmp_path_factory):
+    """A Llama-type sentencepiece `tokenizer.model` (BPE, byte fallback, dummy prefix), trained once."""
+    from milora_vlm.model.tiny import train_llama_sp_model
+
+    path = tmp_path_factory.mktemp("llama_sp")
+    train_llama_sp_model(CORPUS, str(path / "tokenizer.model"))
+    return path
+
+
+@pytest.fixture(scope="session", params=[True, False], ids=["legacy", "nonlegacy"])
+def llama_sp_tokenizer(request, llama_sp_model_dir, tmp_path_factory):
+    """transformers' LlamaTokenizer on that model with `<image>` and `<pad>` added as llava-hf does, for
+    legacy=True and legacy=False (whether text after a special token gets the prefix "▁" again)."""
+    import shutil
+
+    from milora_vlm.model.tiny import train_llama_sp_tokenizer
+
+    path = tmp_path_factory.mktemp(f"llama_sp_{request.param}")
+    shutil.copy(llama_sp_model_dir / "tokenizer.model", path / "tokenizer.model")
+    return train_llama_sp_tokenizer(CORPUS, str(path), legacy=request.param)

@@ -104,7 +104,7 @@ def test_skips_are_counted_by_reason_with_file_line_and_id(tmp_path, processor, 
         {"id": "corrupt", "image": "broken.png", "conversations": conv("<image>\nColor?", "red")},
         {"id": "toolong", "conversations": conv(long_q, "yes")},
         {"id": "twoimg", "image": "red.png", "conversations": conv("<image> and <image>", "red")},
-        {"id": "roles", "conversations": [{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}]},
+        {"id": "roles", "conversations": [{"from": "human", "value": "hi"}, {"from": "human", "value": "q"}]},
         {"id": "noconv", "conversations": "hello"},
         {"id": "ok2", "image": "red.png", "conversations": conv("<image>\nColor?", "red")},
     ]

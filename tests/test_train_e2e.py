@@ -195,6 +195,8 @@ def test_causal_lm_alpaca_recipe(tmp_path):
     curve = losses(out)
     assert curve[12] < curve[1]
     assert load_recipe(out / "milora_recipe.yaml").data.template == "alpaca"
+    assert load_recipe(out / "export-merged" / "milora_recipe.yaml").data.template == "alpaca"  # eval needs no --template
+    assert not (out / ".saving").exists()  # the staging folder goes once the checkpoint is published
     tok = AutoTokenizer.from_pretrained(out)
     model = load_milora(AutoModelForCausalLM.from_pretrained(tmp_path / "lm"), out).eval()
     rec = json.loads((tmp_path / "inst.jsonl").read_text().splitlines()[0])

@@ -23,7 +23,15 @@ import torch
 from torch.utils.data import Dataset
 
 from .records import iter_records, load_image, position_kind, resolve_image_path
-from .templates import HUMAN_ROLES, IMAGE_PLACEHOLDER, SkipSample, encode_conversation, get_template
+from .templates import (
+    HUMAN_ROLES,
+    IMAGE_PLACEHOLDER,
+    SkipSample,
+    drop_leading_assistant,
+    encode_conversation,
+    get_template,
+    image_to_front,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,8 @@ class ConversationDataset(Dataset):
     """Tokenised LLaVA conversations (text-only records mixed in freely).
 
     For a text-only model leave image_processor None: a record with an image is then skipped ("image_without_vision_model").
+    Data policy (LLaVA's behaviour by default, see DataSection): too_long "truncate" | "drop";
+    leading_assistant "drop_turn" | "skip_record"; image_to_front moves each `<image>` to the front of its turn.
     `lengths` holds LLaVA's cheap length estimate per record (words + image tokens), negative for text-only records,
     for the modality-grouped sampler.
     """
@@ -76,6 +86,9 @@ class ConversationDataset(Dataset):
         image_token_id: Optional[int] = None,
         num_image_tokens: int = 0,
         image_aspect_ratio: str = "pad",
+        too_long: str = "truncate",
+        leading_assistant: str = "drop_turn",
+        image_to_front: bool = True,
     ):
         self.path = os.fspath(path)
         self.tokenizer = tokenizer
@@ -86,6 +99,9 @@ class ConversationDataset(Dataset):
         self.image_token_id = image_token_id
         self.num_image_tokens = num_image_tokens
         self.image_aspect_ratio = image_aspect_ratio
+        self.too_long = too_long
+        self.leading_assistant = leading_assistant
+        self.image_to_front = image_to_front
         self._kind = position_kind(self.path)
         self._raw: list[str] = []
         self._pos: list[int] = []
@@ -146,6 +162,8 @@ class ConversationDataset(Dataset):
         convs = rec.get("conversations")
         if not isinstance(convs, list) or not convs:
             raise SkipSample("bad_conversations", "field 'conversations' is missing or not a non-empty list")
+        if self.leading_assistant == "drop_turn":
+            convs = drop_leading_assistant(convs)
         image = rec.get("image")
         if image is not None:
             if self.image_processor is None:
@@ -153,6 +171,8 @@ class ConversationDataset(Dataset):
             if not isinstance(image, str) or not image:
                 raise SkipSample("bad_image_field", f"field 'image' must be one path string, got {type(image).__name__}")
             convs = with_image_placeholder(convs)
+            if self.image_to_front:
+                convs = image_to_front(convs)
         enc = encode_conversation(
             self.tokenizer,
             self.template,
@@ -160,6 +180,7 @@ class ConversationDataset(Dataset):
             image_token_id=self.image_token_id if image is not None else None,
             num_image_tokens=self.num_image_tokens if image is not None else 0,
             max_length=self.max_length,
+            too_long=self.too_long,
         )
         if image is not None and enc.num_images != 1:
             raise SkipSample("image_placeholder_count", f"{enc.num_images} '<image>' placeholders for one image")

@@ -204,7 +204,6 @@ class AnswerGenerator:
         single = [tok.convert_tokens_to_ids(s) for s in self.stops if s in tok.get_vocab()]
         eos_ids = list(dict.fromkeys([i for i in [tok.eos_token_id, *single] if i is not None]))
         multi = [s for s in self.stops if s not in tok.get_vocab()]
-        self.prefix_ids = tok(settings.answer_prefix, add_special_tokens=False).input_ids if settings.answer_prefix else []
         sampling = settings.temperature > 0
         self.generation_config = GenerationConfig(
             max_new_tokens=settings.max_new_tokens,
@@ -230,8 +229,9 @@ class AnswerGenerator:
             image_token_id=self.image_token_id if q.image is not None else None,
             num_image_tokens=num_image_tokens if q.image is not None else 0,
             add_generation_prompt=True,
+            answer_prefix=self.settings.answer_prefix,  # one tokenizer call with the prompt: no stray "▁"
         )
-        return enc.input_ids + self.prefix_ids
+        return enc.input_ids
 
     @torch.no_grad()
     def generate(self, batch: list[Question], images: dict[str, Any]) -> list[str]:

@@ -204,6 +204,32 @@ def count_image_tokens(processor, image_token_id: int) -> int:
     return int((enc["input_ids"] == image_token_id).sum())
 
 
+def check_llava_processor(processor, path: str) -> None:
+    """Refuse a LlavaProcessor that cannot expand `<image>`: llava-hf checkpoints saved before processor_config.json
+    existed (transformers < 4.47) load with patch_size None and fail later with a raw TypeError."""
+    if getattr(processor, "image_processor", None) is None:
+        return
+    if getattr(processor, "patch_size", None) is not None and getattr(processor, "vision_feature_select_strategy", None):
+        return
+    from milora_vlm.config import ConfigError
+
+    fix = ""
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        extra = VISION_TOWERS.get(cfg.vision_config.model_type, (None, 1))[1]
+        fix = (f' {{"patch_size": {cfg.vision_config.patch_size}, "vision_feature_select_strategy": '
+               f'"{cfg.vision_feature_select_strategy}", "num_additional_image_tokens": {extra}}}'
+               " (the values of its config.json)")
+    except (OSError, ValueError, AttributeError):
+        pass
+    raise ConfigError(
+        f"{path}: the processor has no patch_size / vision_feature_select_strategy (processor_config.json is missing, "
+        f"as in llava-hf checkpoints saved before transformers 4.47), so it cannot tell how many tokens an image "
+        f"becomes. Add {os.path.join(path, 'processor_config.json')} with{fix or ' those keys'}, "
+        "or re-save the processor with save_pretrained"
+    )
+
+
 def load_model(model_cfg, dtype: torch.dtype) -> LoadedModel:
     """from_pretrained the recipe's model (partitioned under ZeRO-3 when TrainingArguments with a ZeRO-3 config
     exist before this call) with its processor or tokenizer."""
@@ -223,6 +249,7 @@ def load_model(model_cfg, dtype: torch.dtype) -> LoadedModel:
             "scripts/build_llava.py (or model.language_model + model.vision_tower), or use model.kind: causal_lm"
         )
     processor = AutoProcessor.from_pretrained(model_cfg.path)
+    check_llava_processor(processor, model_cfg.path)
     tokenizer = processor.tokenizer
     ensure_pad_token(tokenizer)
     model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, **kw)

@@ -1,12 +1,15 @@
 """Tiny models and a tokenizer trained on the fly.
 
 Nothing can be downloaded in tests or in the embedded demo, so these builders make real transformers
-models (Llama-style LM, CLIP-style ViT, HF LLaVA) from small configs, and a real byte-level BPE tokenizer
-trained on the caller's text. Everything they return saves and loads with plain `from_pretrained`.
+models (Llama-style LM, CLIP-style ViT, HF LLaVA) from small configs, a real byte-level BPE tokenizer trained on
+the caller's text, and a Llama-type sentencepiece tokenizer (what LLaVA-1.5 / Vicuna ship) trained in well under a
+second. Everything they return saves and loads with plain `from_pretrained`.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Iterable
 
 import torch
@@ -21,6 +24,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
+from transformers.tokenization_utils_base import AddedToken
 
 IMAGE_TOKEN = "<image>"
 # Chat markers of the templates in milora_vlm.data.templates; registered as special tokens so that each is
@@ -67,6 +71,64 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 512, add_prefix
     )
     fast.padding_side = "right"
     return fast
+
+
+def train_llama_sp_model(texts: Iterable[str], path: str, vocab_size: int = 600, model_type: str = "bpe") -> str:
+    """Train a sentencepiece model with LLaMA's settings and write it to `path` (a `tokenizer.model`).
+
+    The settings that shape the token stream are LLaMA-1/2's (and so Vicuna's and llava-1.5's): BPE, byte
+    fallback (256 <0x..> pieces, nothing is <unk>), a dummy prefix "▁" on each encoded text, whitespace kept as
+    is, digits split, no normalisation, ids 0/1/2 = <unk>/<s>/</s>. Byte fallback takes 259 ids, so
+    `vocab_size` must leave room for merges.
+    """
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(_BASE_CORPUS) + list(texts)),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,  # a tiny corpus may not support vocab_size merges
+        num_threads=1,
+        minloglevel=2,
+    )
+    with open(path, "wb") as f:
+        f.write(buf.getvalue())
+    return path
+
+
+def train_llama_sp_tokenizer(texts: Iterable[str], directory: str, legacy: bool = True, vocab_size: int = 600):
+    """A Llama-type sentencepiece tokenizer as llava-hf ships it: transformers' LlamaTokenizer loaded from a
+    `tokenizer.model`, with `<image>` added as a special token and `<pad>` as the pad token (llava-hf's order).
+
+    `legacy` is the tokenizer flag that decides whether the text after a special token gets sentencepiece's
+    dummy prefix "▁" again (True, as LLaMA-1/2's slow tokenizer did) or not (False). In transformers 5,
+    LlamaTokenizer and LlamaTokenizerFast are the same tokenizers-backed class, converted from the
+    sentencepiece model. The tokenizer is saved to and loaded from `directory`, so it is the from_pretrained one.
+    """
+    from transformers import LlamaTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    model_file = os.path.join(directory, "tokenizer.model")
+    if not os.path.exists(model_file):
+        train_llama_sp_model(texts, model_file, vocab_size=vocab_size)
+    tok = LlamaTokenizer.from_pretrained(directory, legacy=legacy)
+    tok.add_tokens(AddedToken(IMAGE_TOKEN, special=True, normalized=False), special_tokens=True)
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = "right"
+    return tok
 
 
 def tiny_llama_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, **kw) -> LlamaConfig:

@@ -1,4 +1,5 @@
-"""Side concerns of training, as Trainer callbacks: the loss-curve PNG and (for tests) reference logits."""
+"""Side concerns of training, as Trainer callbacks: the loss-curve PNG, the note on a stitched learning-rate
+schedule after a resume, and (for tests) reference logits."""
 
 from __future__ import annotations
 
@@ -55,6 +56,29 @@ class LossCurveCallback(TrainerCallback):
             path = os.path.join(args.output_dir, LOSS_CURVE)
             if save_loss_curve(state.log_history, path, self.title):
                 logger.info("loss curve written to %s", path)
+
+
+class StitchedScheduleNote(TrainerCallback):
+    """Says so when a resumed run's total steps differ from its checkpoint's.
+
+    The Trainer builds the scheduler for the new total and then loads the checkpoint's step count into it, so the
+    learning rate followed the old schedule up to the checkpoint and follows the new one from there: a stitched
+    curve (for cosine: a jump at the checkpoint), not what a fresh run of the new length would use.
+    """
+
+    def __init__(self, checkpoint: str, saved_max_steps: int):
+        self.checkpoint, self.saved_max_steps = checkpoint, saved_max_steps
+        self.message: str | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps != self.saved_max_steps and state.is_world_process_zero:
+            self.message = (
+                f"resuming from {self.checkpoint}, saved by a run of {self.saved_max_steps} steps, with {state.max_steps} "
+                f"steps now: the {args.lr_scheduler_type} learning-rate schedule is stitched (the old one up to the "
+                f"checkpoint, the new {state.max_steps}-step one from there). For one schedule over {state.max_steps} "
+                "steps, start a new output_dir instead of resuming"
+            )
+            logger.warning(self.message)
 
 
 class ReferenceLogitsCallback(TrainerCallback):

@@ -17,7 +17,7 @@ import torch
 from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
 
 from . import distributed
-from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
+from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StitchedScheduleNote
 from .checkpoint import check_resume_compatible, resolve_resume
 from .guards import TrainingStopped
 from .skips import SkipCounter
@@ -52,6 +52,41 @@ def prepare_model_and_data(recipe: Recipe) -> None:
                       m.vision_feature_select_strategy, m.projector_weights)
 
 
+def _device_name() -> str:
+    if not torch.cuda.is_available():
+        return "CPU only"
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+
+
+def resolve_hardware(recipe: Recipe) -> list[str]:
+    """Precision settings this machine cannot honour, settled before anything is loaded.
+
+    tf32 only changes how float32 matmuls run, so where it does not exist (CPU, pre-Ampere GPU) it is switched
+    off and said so; bf16 / fp16 change the numbers a run produces, so those are refused with the fix.
+    Returns the lines saying what was changed (the recipe is updated, so the saved recipe shows what ran).
+    """
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_tf32_available
+
+    t, notes = recipe.training, []
+    cuda = torch.cuda.is_available()
+    if t.get("tf32") and not is_torch_tf32_available():
+        t["tf32"] = False
+        notes.append(f"training.tf32: true needs an Ampere or newer NVIDIA GPU ({_device_name()}): running with "
+                     "tf32 false (it only changes float32 matmul speed)")
+    no_bf16 = cuda and not is_torch_bf16_gpu_available()
+    if t.get("bf16") and no_bf16:
+        raise ConfigError(f"training.bf16: true but this GPU has no bfloat16 ({_device_name()}); "
+                          "pass --training.bf16 false --training.fp16 true (or leave both unset to pick automatically)")
+    if recipe.model.dtype == "bfloat16" and no_bf16:
+        raise ConfigError(f"model.dtype: bfloat16 but this GPU has no bfloat16 ({_device_name()}); "
+                          "use --model.dtype auto (or float16 / float32)")
+    if t.get("fp16") and not cuda:
+        raise ConfigError("training.fp16: true needs a CUDA GPU (fp16 mixed precision has no CPU path); "
+                          "pass --training.fp16 false (a CPU run trains in float32)")
+    return notes
+
+
 def training_arguments(recipe: Recipe):
     """TrainingArguments from the recipe's `training` section plus this pipeline's defaults (written back into the
     recipe, so the saved milora_recipe.yaml shows what ran)."""
@@ -77,6 +112,16 @@ def training_arguments(recipe: Recipe):
     return TrainingArguments(**kw)
 
 
+def _saved_max_steps(checkpoint: str) -> int | None:
+    import json
+
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            return int(json.load(f)["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # resume checks (checkpoint.py) report a damaged checkpoint
+
+
 def model_dtype(recipe: Recipe, args) -> torch.dtype:
     from milora_vlm.model.build import resolve_dtype
 
@@ -97,6 +142,9 @@ def run(recipe: Recipe) -> str:
     t0 = time.time()
     distributed.init_distributed(recipe.deepspeed is not None)
     _setup_logging()
+    for note in resolve_hardware(recipe):  # before any loading: never a traceback minutes later
+        if distributed.rank() == 0:
+            logger.warning(note)
     if distributed.rank() == 0:
         prepare_model_and_data(recipe)
     distributed.barrier()
@@ -126,6 +174,9 @@ def run(recipe: Recipe) -> str:
         image_token_id=loaded.image_token_id,
         num_image_tokens=loaded.num_image_tokens,
         image_aspect_ratio=d.image_aspect_ratio,
+        too_long=d.too_long,
+        leading_assistant=d.leading_assistant,
+        image_to_front=d.image_to_front,
     )
     vcfg = loaded.model.config.vision_config if is_llava else None
     collator = ConversationCollator(
@@ -136,6 +187,10 @@ def run(recipe: Recipe) -> str:
         vision_keepalive=is_llava and distributed.world_size() > 1,
     )
     callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
+    if resume is not None:
+        saved = _saved_max_steps(resume)
+        if saved is not None:
+            callbacks.append(StitchedScheduleNote(resume, saved))
     if os.environ.get(REFERENCE_ENV):
         callbacks.append(ReferenceLogitsCallback(dataset, collator, int(os.environ[REFERENCE_ENV])))
     trainer = MiLoRATrainer(

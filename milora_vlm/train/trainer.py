@@ -207,6 +207,7 @@ class MiLoRATrainer(Trainer):
             publish(staged, target)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            clear_staging(run_dir)  # emptied by publish: no .saving/ is left behind
         distributed.barrier()  # no rank goes on (or reads the checkpoint) before it is in place
         if push:
             self._push_from_checkpoint(target)
