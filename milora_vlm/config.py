@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from milora_vlm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from milora_vlm.data.templates import template_names
 from milora_vlm.milora import MiLoRAConfig
 
@@ -74,6 +75,9 @@ class DataSection:
       "resize" stretches it to the processor's size; "native" leaves it to the processor (CLIP: centre crop).
     group_by_modality_length: LLaVA's sampler: each optimizer step sees image samples on every rank or text-only
       samples on every rank, grouped by (estimated) length.
+    max_image_pixels: an image declaring more pixels is skipped and counted (image_too_large) before decoding.
+    allow_images_outside_folder: false (default) skips and counts records whose image path resolves outside
+      image_folder (../x.png, absolute paths, symlinks out: image_outside_folder).
     """
 
     train_file: Optional[str] = None
@@ -82,6 +86,8 @@ class DataSection:
     max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata=_choices("pad", "resize", "native"))
     group_by_modality_length: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_images_outside_folder: bool = False
 
 
 @dataclass

@@ -192,6 +192,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    target_tokens_cut: int = 0  # answer tokens (EOS included) that truncation to max_length removed
 
 
 def encode_conversation(
@@ -218,6 +219,7 @@ def encode_conversation(
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     image_ends: list[int] = []
+    target_tokens_cut = 0
     for text, is_target in pieces:
         parts = text.split(IMAGE_PLACEHOLDER)
         for j, part in enumerate(parts):
@@ -237,7 +239,8 @@ def encode_conversation(
                 "image_truncated",
                 f"image tokens end at position {image_ends[-1]} > model_max_length {max_length}",
             )
+        target_tokens_cut = sum(lab != IGNORE_INDEX for lab in labels[max_length:])
         ids, labels = ids[:max_length], labels[:max_length]
     if not add_generation_prompt and all(lab == IGNORE_INDEX for lab in labels):
         raise SkipSample("answer_truncated", f"no answer token left within model_max_length {max_length}")
-    return Encoded(ids, labels, len(image_ends))
+    return Encoded(ids, labels, len(image_ends), target_tokens_cut)

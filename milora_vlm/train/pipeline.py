@@ -15,6 +15,7 @@ import time
 import torch
 
 from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
+from milora_vlm.data.dataset import NoTrainableRecords
 
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
@@ -126,6 +127,8 @@ def run(recipe: Recipe) -> str:
         image_token_id=loaded.image_token_id,
         num_image_tokens=loaded.num_image_tokens,
         image_aspect_ratio=d.image_aspect_ratio,
+        max_image_pixels=d.max_image_pixels,
+        allow_images_outside_folder=d.allow_images_outside_folder,
     )
     vcfg = loaded.model.config.vision_config if is_llava else None
     collator = ConversationCollator(
@@ -159,6 +162,8 @@ def run(recipe: Recipe) -> str:
     if distributed.rank() == 0:
         logger.info("skipped %d of %d records looked at%s", sum(reasons.values()), samples,
                     "".join(f"; {r}: {n}" for r, n in sorted(reasons.items())))
+        for reason, n in sorted(trainer.skip_counter.last_notes.items()):
+            logger.info("trained on %d records changed by %s (see data.max_length)", n, reason)
     distributed.barrier()
     if recipe.export != "none" and distributed.rank() == 0:
         from milora_vlm.export import export_adapter
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # checks that need the model (adapter targets, rank, ...)
         print(f"train_vlm: error: {e}", file=sys.stderr)
         return 2
-    except TrainingStopped as e:  # a guard (milora_vlm.train.guards) stopped the run
+    except (TrainingStopped, NoTrainableRecords) as e:  # a guard (milora_vlm.train.guards) stopped the run
         print(f"train_vlm: stopped: {e}", file=sys.stderr)
         return 3
     return 0
