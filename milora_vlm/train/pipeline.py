@@ -20,7 +20,7 @@ from milora_vlm.data.dataset import NoTrainableRecords
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
 from .checkpoint import check_resume_compatible, resolve_resume
-from .guards import TrainingStopped
+from .guards import DiskFull, TrainingStopped
 from .skips import SkipCounter
 
 logger = logging.getLogger("milora_vlm.train")
@@ -198,4 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, NoTrainableRecords) as e:  # a guard (milora_vlm.train.guards) stopped the run
         print(f"train_vlm: stopped: {e}", file=sys.stderr)
         return 3
+    except DiskFull as e:
+        print(f"train_vlm: error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0
