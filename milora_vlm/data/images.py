@@ -27,8 +27,8 @@ from .templates import SkipSample
 
 ASPECT_RATIOS = ("pad", "resize", "native")
 # Default decode limit: 40 megapixels (an 8K photo is 33 MP; LLaVA's images are under 1 MP). One RGB image at
-# the limit takes 120 MB. PIL's own limits (a warning above Image.MAX_IMAGE_PIXELS, an error above twice that)
-# are caught too, so the smaller of the two refuses.
+# the limit takes 120 MB. PIL's own hard limit (an error above 2 x Image.MAX_IMAGE_PIXELS, 179 MP) still applies
+# above it; with max_pixels None, PIL's warning limit (89 MP) refuses too.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
@@ -65,7 +65,8 @@ def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> 
         raise BadImage("missing_image", f"image file not found: {path}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns above Image.MAX_IMAGE_PIXELS: with a limit of ours, ours decides; without, PIL's warning does.
+            warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
@@ -75,7 +76,8 @@ def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> 
                 img.load()
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("image_too_large", f"{path}: {e} (PIL's limit; max_image_pixels is {max_pixels})") from None
+        raise BadImage("image_too_large", f"{path}: {e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, applies above "
+                       f"max_image_pixels {max_pixels})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, BadImage):
             raise
