@@ -195,7 +195,7 @@ def naming_disk_full(path: str):
     """Turn a save that failed because the disk is full into DiskFull naming ENOSPC and `path`."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # torch.save raises RuntimeError, safetensors SafetensorError, plain writes OSError
         if isinstance(e, DiskFull) or not _is_disk_full(path, e):
             raise
         raise DiskFull(errno.ENOSPC, f"no space left on device (ENOSPC) while saving to {path} "
