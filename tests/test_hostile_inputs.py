@@ -248,6 +248,22 @@ def test_non_utf8_byte_is_a_report_entry_in_data_prep(tmp_path):
     assert [(i, err) for i, _, err in iter_records(array)] == [(1, None), (2, "not UTF-8: byte 0x80")]
 
 
+def test_non_utf8_byte_in_the_converters(tmp_path, capsys):
+    from test_data_prep_converters import commonsense, vqa
+
+    array = tmp_path / "commonsense_170k.json"  # one bad record of an array: a report entry, the rest converted
+    array.write_bytes(b'[{"instruction": "q\xe9", "input": "", "output": "a"},\n'
+                      b' {"instruction": "q", "input": "", "output": "a"}]')
+    assert commonsense.main(["--input", str(array), "--output", str(tmp_path / "cs.jsonl")]) == 0
+    report = json.loads((tmp_path / "cs.report.json").read_text())
+    assert report["dropped_by_reason"] == {"not_utf8": 1} and report["issues"][0]["index"] == 1
+    assert report["records_kept"] == 1
+    questions = tmp_path / "gqa.json"  # one JSON document: a clear file error (exit 2), not a traceback
+    questions.write_bytes(b'{"1": {"imageId": "n1", "question": "caf\xe9?", "answer": "yes"}}')
+    assert vqa.main(["--format", "gqa", "--questions", str(questions), "--output", str(tmp_path / "g.jsonl")]) == 2
+    assert "not UTF-8: byte 0xe9" in capsys.readouterr().err
+
+
 # ---- 10: answers cut by max_length ----------------------------------------------------------------------------------
 
 def test_truncated_answer_is_kept_and_counted(tmp_path, tiny_tokenizer):
@@ -378,6 +394,28 @@ def test_disk_full_names_enospc_and_the_path(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="not about space"):  # other errors pass through unchanged
         with naming_disk_full(str(tmp_path)):
             raise RuntimeError("not about space")
+
+
+@pytest.mark.slow
+def test_training_onto_a_full_disk_names_enospc_and_the_path(tmp_path, tiny_causal_lm_dir, capsys):
+    from milora_vlm.train.pipeline import main
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(full)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs a small tmpfs mount (root)")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"r{i}", "conversations": conv("What is 2 plus 3?", "5")}
+                                              for i in range(8)])
+    try:
+        code = main(["--config", "configs/tiny/causal_lm_alpaca_milora.yaml", "--deepspeed", "null", "--model.path",
+                     str(tiny_causal_lm_dir), "--data.train_file", data, "--output_dir", str(full / "out"),
+                     "--max_steps", "2", "--save_steps", "1", "--report_to", "none"])
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=True)
+    err = capsys.readouterr().err
+    assert code == 1, err[-3000:]
+    assert f"train_vlm: error: no space left on device (ENOSPC) while saving to {full / 'out'}" in err
 
 
 def test_one_process_deepspeed_leaves_no_shm_buffer(tmp_path):
