@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

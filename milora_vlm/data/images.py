@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # records.py (and so data_prep) imports this module: no torch import at start-up
+    import torch
 
 from .templates import SkipSample
 
