@@ -19,6 +19,7 @@ import sys
 
 from tqdm import tqdm
 
+from milora_vlm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records, position_kind
 from milora_vlm.data.templates import template_names
 from milora_vlm.data.validation import (
@@ -50,6 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="conversation template training will use (default vicuna_v1, LLaVA-1.5's)")
     ap.add_argument("--image-tokens", type=int, default=None,
                     help="tokens one <image> becomes; default: read from the --tokenizer directory's llava processor")
+    ap.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                    help="drop images declaring more pixels (image_too_large), before decoding them "
+                         f"(default {DEFAULT_MAX_IMAGE_PIXELS})")
+    ap.add_argument("--allow-images-outside-folder", action="store_true",
+                    help="keep records whose image path resolves outside --image-folder (../x.png, absolute paths, "
+                         "symlinks out); by default they are dropped as image_outside_folder")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any record was dropped or repaired")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for image decoding and tokenisation (default: all cores; 0 or 1: none)")
@@ -76,12 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                   "give --image-tokens N (0 for text-only data)", file=sys.stderr)
             return 2
     config = CheckConfig(args.image_folder, args.image_check, args.template, args.tokenizer, args.max_length,
-                         image_tokens or 0)
+                         image_tokens or 0, args.max_image_pixels, args.allow_images_outside_folder)
     report = Report("data_prep/llava_instruct.py", position_kind(args.input), input=os.path.abspath(args.input),
                     output=os.path.abspath(args.output),
                     image_folder=None if args.image_folder is None else os.path.abspath(args.image_folder),
                     settings={"image_check": args.image_check, "tokenizer": args.tokenizer,
-                              "max_length": args.max_length, "template": args.template, "image_tokens": image_tokens})
+                              "max_length": args.max_length, "template": args.template, "image_tokens": image_tokens,
+                              "max_image_pixels": args.max_image_pixels,
+                              "allow_images_outside_folder": args.allow_images_outside_folder})
     duplicates = DuplicateIds()
     lengths: list[int] = []
     try:

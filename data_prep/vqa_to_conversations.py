@@ -97,6 +97,8 @@ def _load(path: str, what: str):
         raise RecordFileError(f"{path}: no such file ({what})") from None
     except json.JSONDecodeError as e:
         raise RecordFileError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:  # one document: a bad byte cannot be skipped as one record
+        raise RecordFileError(f"{path}: not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
 
 
 def _require(doc, key: str | None, kind: type, path: str):

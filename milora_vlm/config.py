@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import types
@@ -24,6 +25,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from milora_vlm.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from milora_vlm.data.templates import template_names
 from milora_vlm.milora import MiLoRAConfig
 
@@ -78,6 +80,9 @@ class DataSection:
     leading_assistant: an assistant turn before any question is dropped and the record kept ("drop_turn", LLaVA
       and data_prep) or the whole record is skipped and counted ("skip_record").
     image_to_front: move `<image>` to the front of its turn ("<image>\n" + text), as LLaVA's preprocess_multimodal.
+    max_image_pixels: an image declaring more pixels is skipped and counted (image_too_large) before decoding.
+    allow_images_outside_folder: false (default) skips and counts records whose image path resolves outside
+      image_folder (../x.png, absolute paths, symlinks out: image_outside_folder).
     """
 
     train_file: Optional[str] = None
@@ -89,6 +94,8 @@ class DataSection:
     too_long: str = field(default="truncate", metadata=_choices("truncate", "drop"))
     leading_assistant: str = field(default="drop_turn", metadata=_choices("drop_turn", "skip_record"))
     image_to_front: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_images_outside_folder: bool = False
 
 
 @dataclass
@@ -494,8 +501,9 @@ def _check_zero(path: str, ds: Any) -> None:
     zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
     if not isinstance(zero, dict):
         raise ConfigError(f"deepspeed: {path}: expected a JSON object with a `zero_optimization` mapping")
+    _check_deepspeed_keys(path, ds)
     stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # true == 1 in Python: DeepSpeed would run stage 1
         raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
     offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
     if offloaded("offload_param") and stage != 3:
@@ -504,6 +512,107 @@ def _check_zero(path: str, ds: Any) -> None:
         raise ConfigError(f"deepspeed: {path}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
     if (ds.get("fp16") or {}).get("enabled") is True and (ds.get("bf16") or {}).get("enabled") is True:
         raise ConfigError(f"deepspeed: {path}: fp16 and bf16 are both enabled; choose one (or 'auto')")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run settings that would fail (or silently do the wrong thing) only after minutes of loading
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key == "<<":  # merge keys may repeat
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would "
+                                        "silently keep the last one: delete one of them")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+@functools.lru_cache(maxsize=1)
+def _deepspeed_known_keys() -> frozenset[str]:
+    """Top-level keys DeepSpeed reads: the keys its config parser asks for, plus the string constants of its
+    modules (which name the keys read elsewhere, e.g. optimizer, scheduler, activation_checkpointing). Derived
+    from the installed DeepSpeed, so a newer version's keys are known without a list here."""
+    import re
+    import sys
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+    import deepspeed.runtime.engine  # noqa: F401  (loads the modules whose constants name the other keys)
+
+    class Recording(dict):
+        def get(self, key, default=None):
+            asked.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            asked.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            asked.add(key)
+            return super().__contains__(key)
+
+    asked: set = set()
+    try:
+        DeepSpeedConfig.__new__(DeepSpeedConfig)._initialize_params(Recording())
+    except Exception:  # an older or newer parser that wants more than an empty config: the constants still count
+        pass
+    word = re.compile(r"[a-z][a-z0-9_]*")
+    for name, module in list(sys.modules.items()):
+        if name.startswith("deepspeed.") and module is not None:
+            asked.update(v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and word.fullmatch(v))
+    return frozenset(asked)
+
+
+def _check_deepspeed_keys(path: str, ds: dict) -> None:
+    unknown = [k for k in ds if k not in _deepspeed_known_keys()]
+    if unknown:
+        key = unknown[0]
+        hint = _did_you_mean(key, sorted(_deepspeed_known_keys()))
+        raise ConfigError(f"deepspeed: {path}: unknown top-level key {key!r}{hint} (DeepSpeed would silently ignore "
+                          "it); fix the spelling or remove it")
+
+
+def _check_run_settings(r: Recipe) -> None:
+    """TrainingArguments values and an output_dir that TrainingArguments accepts but that fail or do nothing later."""
+    t = r.training
+    if t.get("fp16") and t.get("bf16"):
+        raise ConfigError("training.fp16 and training.bf16 are both true; keep one (bf16 where the GPU supports it)")
+    lr = t.get("learning_rate")
+    if lr is not None and lr < 0:
+        raise ConfigError(f"training.learning_rate: {lr} is negative (it would train away from the data); "
+                          "give a positive rate such as 2e-4")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if key in t and t[key] < 1:
+            raise ConfigError(f"training.{key}: {t[key]} must be at least 1")
+    if t.get("num_train_epochs", 1) <= 0 and t.get("max_steps", -1) <= 0:
+        raise ConfigError(f"training.num_train_epochs: {t['num_train_epochs']} trains nothing (max_steps is not set) "
+                          "and would save an untrained adapter; give num_train_epochs > 0 or max_steps > 0")
+    out = r.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"training.output_dir: {out!r} is a file, not a directory; give a directory (--output_dir)")
+    parent = out
+    while not os.path.isdir(parent):  # the run creates what is missing: the nearest existing folder must be writable
+        parent = os.path.dirname(parent) or "."
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConfigError(f"training.output_dir: cannot write in {parent!r} ({e.strerror}); give a writable "
+                          "directory (--output_dir)") from None
 
 
 def _check_combinations(r: Recipe) -> None:
@@ -597,6 +706,7 @@ def build_recipe(raw: dict, source: Optional[str] = None) -> Recipe:
     _check_combinations(recipe)
     _check_paths(recipe)
     _absolute_paths(recipe)
+    _check_run_settings(recipe)
     return recipe
 
 
@@ -626,7 +736,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, str]] = ()) 
         raise ConfigError(f"--config: no such file {path!r}")
     with open(path, encoding="utf-8") as f:
         try:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{path}: {e}") from None
     return build_recipe(apply_overrides(raw, list(overrides)), source=path)

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
-from milora_vlm.data.dataset import ConversationDataset
+from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
 from milora_vlm.data.templates import IGNORE_INDEX
 from milora_vlm.train.sampler import ModalityLengthGroupedSampler
 from milora_vlm.train.skips import SkipCounter
@@ -113,11 +113,12 @@ def test_skips_are_counted_by_reason_with_file_line_and_id(tmp_path, processor, 
     assert len(ds) == 8
     assert [(s.reason, s.where.endswith(f"line {n}")) for s, n in zip(ds.load_skips, (9, 10))] == [
         ("malformed_record", True), ("malformed_record", True)]
-    sample = ds[1]  # records 2-7 are all bad: the dataset moves on to ok2 and reports each one it passed
+    sample = ds[1]  # records 2-7 are all bad: record 2 is reported, and ok2 stands in for it
     assert int((sample["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<image>")).sum()) == IMAGE_TOKENS
     got = [(s.reason, s.record_id, s.where.rsplit(":", 1)[1]) for s in sample["skipped"]]
+    assert got == [("missing_image", "missing", "line 2")] and sample["record"] == "ok2"
+    got = [(s.reason, s.record_id, s.where.rsplit(":", 1)[1]) for i in range(2, 7) for s in ds[i]["skipped"]]
     assert got == [
-        ("missing_image", "missing", "line 2"),
         ("corrupt_image", "corrupt", "line 3"),
         ("answer_truncated", "toolong", "line 4"),
         ("image_placeholder_count", "twoimg", "line 5"),
@@ -138,21 +139,21 @@ def test_skips_are_counted_by_reason_with_file_line_and_id(tmp_path, processor, 
     for i in range(len(ds)):
         counter.update(collate([ds[i]])[SKIPS_KEY])
     samples, reasons = counter.totals()
-    # ds[1] passes over records 2..7, ds[2] over 3..7, and so on: a bad record is counted each time it is met
-    assert dict(reasons) == {"malformed_record": 2, "missing_image": 1, "corrupt_image": 2, "answer_truncated": 3,
-                             "image_placeholder_count": 4, "roles_not_alternating": 5, "bad_conversations": 6}
+    # each bad record is counted once, however many are in a row (six here)
+    assert dict(reasons) == {"malformed_record": 2, "missing_image": 1, "corrupt_image": 1, "answer_truncated": 1,
+                             "image_placeholder_count": 1, "roles_not_alternating": 1, "bad_conversations": 1}
     entries = counter.log_entries()
-    assert entries["skipped/total"] == sum(reasons.values())
-    assert entries["skipped/fraction"] == pytest.approx(sum(reasons.values()) / samples)
-    assert samples == len(ds) + sum(reasons.values())
+    assert entries["skipped/total"] == sum(reasons.values()) == 8
+    assert entries["skipped/fraction"] == pytest.approx(8 / 10)
+    assert samples == len(ds) + len(ds.load_skips) == 10
 
 
 def test_all_bad_data_is_an_error(tmp_path, processor, images):
     path = write_jsonl(tmp_path / "d.jsonl", [{"id": str(i), "image": "nope.png", "conversations": conv("<image>\nq", "a")} for i in range(3)])
     ds = make_dataset(path, processor, images)
-    with pytest.raises(RuntimeError, match="could not be trained on.*missing_image"):
+    with pytest.raises(NoTrainableRecords, match="none of the 3 records .* By reason: missing_image: 3"):
         ds[0]
-    with pytest.raises(ValueError, match="no readable records"):
+    with pytest.raises(NoTrainableRecords, match="By reason: malformed_record: 1"):
         make_dataset(write_jsonl(tmp_path / "e.jsonl", [], raw_lines=["{"]), processor, images)
 
 

@@ -257,6 +257,22 @@ def test_bad_records_under_the_limit_are_counted_and_named(nan_run, work):
     assert "skipped record" in proc.stderr and "bad.jsonl:line" in proc.stderr and "(id deleted)" in proc.stderr
 
 
+def test_skipped_steps_are_logged_as_skipped_not_as_a_loss(nan_run):
+    """Step 2 (NaN, skipped) once showed as loss 0.0 in trainer_state, TensorBoard and the loss curve."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc, out = nan_run
+    logs = {h["step"]: h for h in log_history(out / "checkpoint-5") if "learning_rate" in h}
+    assert "loss" not in logs[2] and "grad_norm" not in logs[2] and logs[2]["nonfinite_steps_in_interval"] == 1
+    assert logs[1]["loss"] > 0.5 and logs[3]["loss"] > 0.5 and "nonfinite_steps_in_interval" not in logs[3]
+    events = EventAccumulator(glob.glob(str(out / "runs" / "*" / "events.*"))[0])
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 3]  # steps 4 and 5 stopped the run
+    assert [e.step for e in events.Scalars("train/nonfinite_steps_in_interval")] == [2, 4, 5]
+
+
 # ---- 2 processes, ZeRO-2 and ZeRO-3: SIGKILL and resume, NaN on one rank -----------------------------------------
 
 ZERO3 = "configs/tiny/llava_milora_zero3.yaml"

@@ -105,7 +105,7 @@ def test_batches_name_their_records_by_id_or_file_line(tmp_path, tiny_tokenizer)
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
         {"id": "a", "conversations": turns},
-        {"id": "bad", "conversations": []},  # skipped: its sample is the next record's
+        {"id": "bad", "conversations": []},  # skipped: the next record stands in for it
         {"conversations": turns},  # no id: named by file:line
         {"id": 7, "conversations": turns},
     ]) + "\n")
@@ -113,7 +113,7 @@ def test_batches_name_their_records_by_id_or_file_line(tmp_path, tiny_tokenizer)
     batch = ConversationCollator(pad_token_id=0)([ds[0], ds[1], ds[3]])
     skips = batch[SKIPS_KEY]
     assert skips.records == ["a", f"{path}:line 3", "7"]
-    assert [s.record_id for s in skips.skipped] == ["bad"] and skips.samples == 4
+    assert [s.record_id for s in skips.skipped] == ["bad"] and skips.samples == 3  # one record looked at per row
 
 
 class _Control:

@@ -23,12 +23,15 @@ SKIPS_KEY = "skipped_samples"
 
 @dataclass
 class BatchSkips:
-    """What the batch stands for: `samples` records were looked at, `skipped` of them could not be used; `records`
-    names the ones the batch's rows came from, in row order (their id, or file:line), for the non-finite guard."""
+    """What the batch stands for: `samples` records were looked at (one per row: a bad record's row holds the next
+    trainable one), `skipped` of them could not be used, `notes` were used but changed (answer_truncated);
+    `records` names the ones the batch's rows came from, in row order (their id, or file:line), for the non-finite
+    guard."""
 
     samples: int
     skipped: list[SkipRecord] = field(default_factory=list)
     records: list[str] = field(default_factory=list)
+    notes: list[SkipRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -77,5 +80,6 @@ class ConversationCollator:
                 remaining -= take
             batch["pixel_values"] = torch.zeros((1, *self.image_shape))
         records = [str(f["record"]) for f in features if "record" in f]
-        batch[SKIPS_KEY] = BatchSkips(samples=len(features) + len(skipped), skipped=skipped, records=records)
+        notes = [s for f in features for s in f.get("notes", ())]
+        batch[SKIPS_KEY] = BatchSkips(samples=len(features), skipped=skipped, records=records, notes=notes)
         return batch

@@ -3,12 +3,16 @@
 Each record is kept as its JSON text (one string per record: cheap to share with forked dataloader workers) and
 turned into tokens, labels and pixels in `__getitem__` through the project's one masking routine,
 `milora_vlm.data.templates.encode_conversation`. A record that cannot be trained on (SkipSample: no answer left
-after truncation, image cut by truncation, missing or corrupt image, bad roles, ...) is never trained as all
--100: the dataset moves on to the next record and returns, with the sample it did use, a `SkipRecord` for each
-record it passed over (file:line, id, reason, detail). The collator forwards them in the batch and the trainer
-counts them (milora_vlm.train.skips), so the counts survive dataloader worker processes and add up across ranks.
-Each sample also names the record it came from (`record`: its id, or file:line when it has none), so the trainer
-can say which records made up a batch whose loss or gradients went non-finite (milora_vlm.train.guards).
+after truncation, image cut by truncation, missing, corrupt, oversized or out-of-folder image, bad roles, a null
+turn, ...) is never trained as all -100. The sampler asks for each index once per epoch; when index i is bad,
+the sample returned carries a `SkipRecord` for record i alone (file:line, id, reason, detail) and is filled with
+the next trainable record after it. So each bad record is counted exactly once, however many are in a row (the
+records passed over on the way are counted when the sampler asks for them). A sample whose answer was cut by
+max_length (its end and EOS lost) is kept and noted ("answer_truncated"). The collator forwards skips and notes in
+the batch and the trainer counts them (milora_vlm.train.skips), so the counts survive dataloader worker processes
+and add up across ranks. Each sample also names the record it came from (`record`: its id, or file:line when it
+has none), so the trainer can say which records made up a batch whose loss or gradients went non-finite
+(milora_vlm.train.guards). A file with no trainable record at all raises NoTrainableRecords.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
 
-from .records import iter_records, load_image, position_kind, resolve_image_path
+from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from .records import iter_records, position_kind
 from .templates import (
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
@@ -35,8 +41,11 @@ from .templates import (
 
 logger = logging.getLogger(__name__)
 
-# How many records in a row may be skipped before the data is judged unusable (a clear error, not a silent loop).
-MAX_CONSECUTIVE_SKIPS = 64
+ANSWER_TRUNCATED = "answer_truncated"  # a kept sample whose answer max_length cut (the skip of the same name: none left)
+
+
+class NoTrainableRecords(RuntimeError):
+    """Not one record of the training file can be trained on; the message gives counts by reason and examples."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class ConversationDataset(Dataset):
         too_long: str = "truncate",
         leading_assistant: str = "drop_turn",
         image_to_front: bool = True,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+        allow_images_outside_folder: bool = False,
     ):
         self.path = os.fspath(path)
         self.tokenizer = tokenizer
@@ -102,10 +113,13 @@ class ConversationDataset(Dataset):
         self.too_long = too_long
         self.leading_assistant = leading_assistant
         self.image_to_front = image_to_front
+        self.max_image_pixels = max_image_pixels
+        self.confine_images = not allow_images_outside_folder
         self._kind = position_kind(self.path)
         self._raw: list[str] = []
         self._pos: list[int] = []
         self.lengths: list[int] = []
+        self._bad: dict[int, SkipRecord] = {}  # indices found untrainable in this process (so none is encoded twice)
         # Records that could not even be parsed (counted once, at load time).
         self.load_skips: list[SkipRecord] = []
         for pos, rec, err in iter_records(self.path):
@@ -116,7 +130,7 @@ class ConversationDataset(Dataset):
             self._pos.append(pos)
             self.lengths.append(self._estimate_length(rec))
         if not self._raw:
-            raise ValueError(f"{self.path}: no readable records ({len(self.load_skips)} malformed)")
+            raise NoTrainableRecords(self._none_trainable(self.load_skips))
         for s in self.load_skips[:5]:
             logger.warning("skipping unreadable record %s", s.describe())
 
@@ -134,25 +148,38 @@ class ConversationDataset(Dataset):
         return len(self._raw)
 
     def __getitem__(self, i: int) -> dict:
-        skipped: list[SkipRecord] = []
+        """Record i's sample; when record i is bad, its SkipRecord and the next trainable record's sample."""
         n = len(self._raw)
-        for attempt in range(min(n, MAX_CONSECUTIVE_SKIPS)):
+        skipped: list[SkipRecord] = []
+        for attempt in range(n):
             j = (i + attempt) % n
-            rec = json.loads(self._raw[j])
-            rid = rec.get("id")
-            try:
-                sample = self.encode(rec)
-            except SkipSample as e:
-                skipped.append(SkipRecord(e.reason, e.detail, self._where(self._pos[j]), None if rid is None else str(rid)))
+            bad = self._bad.get(j)
+            if bad is None:
+                rec = json.loads(self._raw[j])
+                try:
+                    sample = self.encode(rec)
+                except SkipSample as e:
+                    rid = rec.get("id")
+                    bad = self._bad[j] = SkipRecord(e.reason, e.detail, self._where(self._pos[j]),
+                                                    None if rid is None else str(rid))
+            if bad is not None:
+                if attempt == 0:
+                    skipped.append(bad)  # only record i is counted here: the others when the sampler asks for them
                 continue
+            rid = None if rec.get("id") is None else str(rec["id"])
+            # a stand-in record's notes are counted when the sampler asks for it
+            notes = sample.pop("notes", []) if attempt == 0 else []
+            sample["notes"] = [SkipRecord(reason, detail, self._where(self._pos[j]), rid) for reason, detail in notes]
             sample["skipped"] = skipped
-            sample["record"] = self._where(self._pos[j]) if rid is None else str(rid)
+            sample["record"] = self._where(self._pos[j]) if rid is None else rid
             return sample
-        raise RuntimeError(
-            f"{self.path}: {len(skipped)} records in a row from {skipped[0].where} could not be trained on; "
-            f"first: {skipped[0].describe()}; last: {skipped[-1].describe()}. Check the data (data_prep/llava_instruct.py "
-            "reports every bad record)."
-        )
+        raise NoTrainableRecords(self._none_trainable(self.load_skips + list(self._bad.values())))
+
+    def _none_trainable(self, skips: list[SkipRecord]) -> str:
+        by_reason = ", ".join(f"{r}: {k}" for r, k in sorted(Counter(s.reason for s in skips).items()))
+        examples = "; ".join(s.describe() for s in skips[:3])
+        return (f"none of the {len(skips)} records of {self.path} can be trained on. By reason: {by_reason}. "
+                f"Examples: {examples}. Fix the data (data_prep/llava_instruct.py reports every bad record).")
 
     def encode(self, rec: dict) -> dict:
         """input_ids, labels (IGNORE_INDEX outside answers) and, for an image record, pixel_values [3, H, W].
@@ -162,6 +189,9 @@ class ConversationDataset(Dataset):
         convs = rec.get("conversations")
         if not isinstance(convs, list) or not convs:
             raise SkipSample("bad_conversations", "field 'conversations' is missing or not a non-empty list")
+        for k, turn in enumerate(convs):  # templates read turns as mappings: a null or scalar turn is a skip here
+            if not isinstance(turn, dict):
+                raise SkipSample("bad_turn", f"field 'conversations'[{k}] is {type(turn).__name__}, not an object")
         if self.leading_assistant == "drop_turn":
             convs = drop_leading_assistant(convs)
         image = rec.get("image")
@@ -186,8 +216,11 @@ class ConversationDataset(Dataset):
             raise SkipSample("image_placeholder_count", f"{enc.num_images} '<image>' placeholders for one image")
         out = {"input_ids": torch.tensor(enc.input_ids, dtype=torch.long), "labels": torch.tensor(enc.labels, dtype=torch.long)}
         if image is not None:
-            from .images import process_images  # the eval engineer's pad/resize code, shared with generation
+            from .images import process_images  # the pad/resize code shared with generation
 
-            img = load_image(resolve_image_path(image, self.image_folder))
+            img = load_image(resolve_image_path(image, self.image_folder, self.confine_images), self.max_image_pixels)
             out["pixel_values"] = process_images([img], self.image_processor, self.image_aspect_ratio)[0]
+        if enc.target_tokens_cut:  # kept (LLaVA trains such samples too) but counted: the answer lost its end
+            out["notes"] = [(ANSWER_TRUNCATED, f"{enc.target_tokens_cut} answer tokens (EOS included) beyond "
+                             f"max_length {self.max_length} cut")]
         return out

@@ -5,16 +5,85 @@
           choice: nothing is cropped away);
   resize  stretch to the processor's output size, ignoring the aspect ratio (nothing cropped, shapes distorted);
   native  the processor alone (CLIP: shortest side to size, centre crop: the borders of wide images are lost).
+
+Hostile images are bounded here, the one place every image is decoded (training, data_prep, eval): a file whose
+header declares more than `max_pixels` pixels is refused before decoding (PIL's DecompressionBombError /
+Warning are refused the same way), and no mode builds anything larger than the processor's output before the
+processor runs: "pad" first shrinks the image so its long side fits the output size, then pads; "native" first
+crops the centre square the processor's centre crop would keep. Both equal LLaVA's order (pad or crop, then
+resize) up to resampling at the borders. Paths are confined to the image folder (`resolve_image_path`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import os
+import warnings
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:  # records.py (and so data_prep) imports this module: no torch import at start-up
+    import torch
+
+from .templates import SkipSample
 
 ASPECT_RATIOS = ("pad", "resize", "native")
+# Default decode limit: 40 megapixels (an 8K photo is 33 MP; LLaVA's images are under 1 MP). One RGB image at
+# the limit takes 120 MB. PIL's own hard limit (an error above 2 x Image.MAX_IMAGE_PIXELS, 179 MP) still applies
+# above it; with max_pixels None, PIL's warning limit (89 MP) refuses too.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+class BadImage(SkipSample):
+    """An image that cannot be used; `reason` is one of missing_image, corrupt_image, image_too_large,
+    image_outside_folder. A SkipSample, so training and data_prep count it as a bad record."""
+
+
+def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confine: bool = False) -> str:
+    """The file a record's `image` names: relative to `image_folder` when one is given.
+
+    confine: the resolved path (symlinks followed) must lie inside `image_folder`, so a record cannot make
+    training read `../x.png`, an absolute path or a symlink out of the folder (BadImage "image_outside_folder").
+    """
+    if image_folder is None:
+        return image
+    path = os.path.join(image_folder, image)  # an absolute `image` replaces the folder here
+    if confine:
+        root, real = os.path.realpath(image_folder), os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise BadImage("image_outside_folder", f"field 'image' {image!r} resolves to {real}, outside the image "
+                           f"folder {root} (allow it with data.allow_images_outside_folder / "
+                           "--allow-images-outside-folder)")
+    return path
+
+
+def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image fully (truncated files fail here, not later in a worker) and return it as RGB.
+
+    Raises BadImage naming the path: missing_image, corrupt_image, or image_too_large (more than `max_pixels`
+    pixels declared, checked before any pixel is decoded; None: PIL's limits only).
+    """
+    if not os.path.isfile(path):
+        raise BadImage("missing_image", f"image file not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above Image.MAX_IMAGE_PIXELS: with a limit of ours, ours decides; without, PIL's warning does.
+            warnings.simplefilter("ignore" if max_pixels is not None else "error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if max_pixels is not None and width * height > max_pixels:
+                    raise BadImage("image_too_large", f"{path}: {width}x{height} = {width * height} pixels > "
+                                   f"max_image_pixels {max_pixels} (raise data.max_image_pixels / --max-image-pixels "
+                                   "if the image is genuine)")
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage("image_too_large", f"{path}: {e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, applies above "
+                       f"max_image_pixels {max_pixels})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, BadImage):
+            raise
+        raise BadImage("corrupt_image", f"cannot decode {path}: {e}") from None
 
 
 def expand_to_square(img: Image.Image, background_rgb: tuple[int, int, int]) -> Image.Image:
@@ -47,14 +116,39 @@ def output_size(image_processor) -> tuple[int, int]:
     return int(width), int(height)
 
 
+def shrink_to_fit(img: Image.Image, side: int, resample: int) -> Image.Image:
+    """`img` scaled down (aspect kept) so that its long side is at most `side`; unchanged when it already is."""
+    width, height = img.size
+    long_side = max(width, height)
+    if long_side <= side:
+        return img
+    size = (max(1, round(width * side / long_side)), max(1, round(height * side / long_side)))
+    return img.resize(size, resample)
+
+
+def centre_square(img: Image.Image) -> Image.Image:
+    """The centre square of side min(width, height): what a shortest-edge resize plus square centre crop keeps."""
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 def process_images(images: Sequence[Image.Image], image_processor, aspect_ratio: str = "pad") -> torch.Tensor:
     """RGB PIL images -> pixel_values (N, C, H, W) for the vision tower."""
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
     images = [img.convert("RGB") for img in images]
+    resample = int(getattr(image_processor, "resample", None) or Image.BICUBIC)
     if aspect_ratio == "pad":
-        background = mean_color(image_processor)
-        images = [expand_to_square(img, background) for img in images]
+        # Shrink first: padding a 20000x1 image would build a 20000x20000 canvas only to resize it away.
+        background, side = mean_color(image_processor), max(output_size(image_processor))
+        images = [expand_to_square(shrink_to_fit(img, side, resample), background) for img in images]
+    elif aspect_ratio == "native" and getattr(image_processor, "do_center_crop", False):
+        # The processor would scale the short side up to its size first (a 20000x1 image: 4.5 million x 224).
+        crop = output_size(image_processor)
+        if crop[0] == crop[1]:
+            images = [centre_square(img) for img in images]
     elif aspect_ratio == "resize":
         size = output_size(image_processor)
         images = [img.resize(size, Image.BICUBIC) for img in images]

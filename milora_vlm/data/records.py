@@ -10,9 +10,8 @@ import os
 import re
 from typing import Iterator
 
-from PIL import Image, UnidentifiedImageError
-
-from .templates import SkipSample
+# Image paths and decoding live in images.py; re-exported here for the callers that read records and images.
+from .images import BadImage, load_image, resolve_image_path  # noqa: F401
 
 
 class RecordFileError(ValueError):
@@ -37,9 +36,15 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
     if not os.path.exists(path):
         raise RecordFileError(f"{path}: no such file")
     if path.endswith(".jsonl"):
-        # utf-8-sig: a byte-order mark (written by some Windows tools) would otherwise break line 1.
-        with open(path, "r", encoding="utf-8-sig") as f:
-            for line_no, line in enumerate(f, start=1):
+        # Lines are decoded one by one, so a stray non-UTF-8 byte costs its record, not the file.
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    # utf-8-sig: a byte-order mark (written by some Windows tools) would otherwise break line 1.
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield line_no, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}"
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -52,15 +57,19 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
                     continue
                 yield line_no, rec, None
         return
-    with open(path, "r", encoding="utf-8-sig") as f:
-        for idx, rec in enumerate(_JsonArrayStream(f, path), start=1):
-            if not isinstance(rec, dict):
+    # surrogateescape: a non-UTF-8 byte becomes a lone surrogate in the text, found in its record's span (below).
+    with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
+        for idx, (rec, bad_byte) in enumerate(_JsonArrayStream(f, path), start=1):
+            if bad_byte is not None:
+                yield idx, None, f"not UTF-8: byte 0x{bad_byte:02x}"
+            elif not isinstance(rec, dict):
                 yield idx, None, f"record is a {type(rec).__name__}, not an object"
             else:
                 yield idx, rec, None
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
 _DECODER = json.JSONDecoder()
 
 
@@ -104,6 +113,7 @@ class _JsonArrayStream:
         return RecordFileError(f"{self.path}: {msg} at line {line}")
 
     def _decode(self):
+        """The next element, and the first non-UTF-8 byte in its text (None when there is none)."""
         while True:
             try:
                 obj, end = _DECODER.raw_decode(self.buf, self.i)
@@ -114,8 +124,9 @@ class _JsonArrayStream:
                 continue
             if end == len(self.buf) and self._more():
                 continue  # a bare number may have been cut at the buffer's end: parse again with more text
+            bad = _ESCAPED_BYTE.search(self.buf, self.i, end)
             self.i = end
-            return obj
+            return obj, None if bad is None else ord(bad.group()) - 0xDC00
 
     def __iter__(self):
         first = self._peek()
@@ -219,22 +230,3 @@ class RecordWriter:
         else:
             self._f.close()
             os.remove(self._tmp)
-
-
-def resolve_image_path(image: str, image_folder: str | os.PathLike | None) -> str:
-    return image if os.path.isabs(image) or image_folder is None else os.path.join(image_folder, image)
-
-
-def load_image(path: str) -> Image.Image:
-    """Decode an image fully (truncated files fail here, not later in a worker) and return it as RGB.
-
-    Raises SkipSample("missing_image" | "corrupt_image") naming the path.
-    """
-    if not os.path.isfile(path):
-        raise SkipSample("missing_image", f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise SkipSample("corrupt_image", f"cannot decode {path}: {e}") from None

@@ -238,6 +238,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    target_tokens_cut: int = 0  # answer tokens (EOS included) that truncation to max_length removed
 
 
 TOO_LONG_POLICIES = ("truncate", "drop")
@@ -320,6 +321,7 @@ def encode_conversation(
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
     image_ends: list[int] = []
+    target_tokens_cut = 0
     for k, (text, spans) in enumerate(chunks):
         if k > 0:
             if image_token_id is None or num_image_tokens <= 0:
@@ -339,7 +341,8 @@ def encode_conversation(
                 "image_truncated",
                 f"image tokens end at position {image_ends[-1]} > model_max_length {max_length}",
             )
+        target_tokens_cut = sum(lab != IGNORE_INDEX for lab in labels[max_length:])
         ids, labels = ids[:max_length], labels[:max_length]
     if not add_generation_prompt and all(lab == IGNORE_INDEX for lab in labels):
         raise SkipSample("answer_truncated", f"no answer token left within model_max_length {max_length}")
-    return Encoded(ids, labels, len(image_ends))
+    return Encoded(ids, labels, len(image_ends), target_tokens_cut)

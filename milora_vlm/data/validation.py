@@ -4,6 +4,7 @@ The policy (one place, used by data_prep/llava_instruct.py; the training dataset
 
 Dropped (reason key):
   malformed_json / not_an_object  the line (JSONL) cannot be read as a JSON object
+  not_utf8                        the record's text holds a byte that is not UTF-8
   bad_conversations               `conversations` missing, not a list, or empty
   bad_turn                        a turn that is not an object
   bad_role / bad_value            a turn's `from` missing, not a string or unknown (system only first) /
@@ -17,7 +18,10 @@ Dropped (reason key):
   image_token_count               an image and more than one `<image>` (which one is it?)
   image_token_without_image       `<image>` in a record without an image
   too_long                        (with a tokenizer) more tokens than --max-length, counted as training counts
+  image_outside_folder            the image path resolves outside --image-folder (../, absolute, symlink out;
+                                  allowed with --allow-images-outside-folder)
   missing_image / corrupt_image   the image file does not exist / does not decode fully
+  image_too_large                 the image declares more than --max-image-pixels pixels (not decoded)
   duplicate_record                same id and same content as an earlier record
 Repaired (the record is kept, changed as said):
   missing_id              no id, null or "": id becomes "auto-<line or index>"
@@ -46,7 +50,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from .records import load_image, resolve_image_path
+from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .templates import (
     ASSISTANT_ROLES,
     HUMAN_ROLES,
@@ -77,6 +81,8 @@ class CheckConfig:
     tokenizer: str | None = None  # path: enables the token-length check
     max_length: int | None = None
     image_tokens: int = 0  # how many tokens one <image> becomes (N of the llava processor)
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    allow_images_outside_folder: bool = False
 
     def __post_init__(self):
         if self.image_check not in ("decode", "exists"):
@@ -241,10 +247,13 @@ def check_record(
 
         # -- the image file itself (last: the only costly check)
         if has_image:
-            path = resolve_image_path(rec["image"], config.image_folder)
+            try:
+                path = resolve_image_path(rec["image"], config.image_folder, not config.allow_images_outside_folder)
+            except SkipSample as e:
+                raise _Drop(e.reason, e.detail) from None
             bad = image_cache.get(path, False) if image_cache is not None else False
             if bad is False:
-                bad = _check_image(path, config.image_check)
+                bad = _check_image(path, config.image_check, config.max_image_pixels)
                 if image_cache is not None:
                     image_cache[path] = bad
             if bad is not None:
@@ -254,11 +263,11 @@ def check_record(
     return Verdict(out, issues, length)
 
 
-def _check_image(path: str, how: str) -> tuple[str, str] | None:
+def _check_image(path: str, how: str, max_pixels: int | None) -> tuple[str, str] | None:
     if how == "exists":
         return None if os.path.isfile(path) else ("missing_image", f"image file not found: {path}")
     try:
-        load_image(path)
+        load_image(path, max_pixels)
     except SkipSample as e:
         return e.reason, e.detail
     return None
@@ -382,6 +391,8 @@ def _id_of(rec: dict | None) -> str | None:
 
 def read_error_reason(error: str) -> str:
     """Reason key for an error string of records.iter_records."""
+    if error.startswith("not UTF-8"):
+        return "not_utf8"
     return "malformed_json" if error.startswith("malformed JSON") else "not_an_object"
 
 

@@ -32,6 +32,11 @@ def save_loss_curve(log_history: list[dict], path: str, title: str = "") -> bool
     fig, ax = plt.subplots(figsize=(7, 4))
     steps, losses = zip(*points)
     ax.plot(steps, losses, marker="o" if len(points) < 50 else None, label="training loss")
+    skipped = [h["step"] for h in log_history if "nonfinite_steps_in_interval" in h and "step" in h]
+    if skipped:  # logged intervals with non-finite (skipped) steps: marked, never drawn as a loss
+        ax.plot(skipped, [min(losses)] * len(skipped), "x", color="red", linestyle="none",
+                label="non-finite steps skipped")
+        ax.legend(loc="upper right")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h and "step" in h]

@@ -47,9 +47,10 @@ def release_deepspeed_shm() -> None:
     new port leaves 66 MB x ranks in RAM-backed /dev/shm until the machine fills. The ranks keep their
     mappings after the unlink, so training is unaffected and the memory goes back when the processes end,
     killed ones included."""
-    if torch.cuda.is_available() or world_size() < 2:
+    if torch.cuda.is_available():
         return
-    dist.barrier()  # deepspeed.init_distributed returns once this rank has mapped its peers; wait for all
+    if world_size() > 1:  # a single process makes its 66 MB buffer too
+        dist.barrier()  # deepspeed.init_distributed returns once this rank has mapped its peers; wait for all
     env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank()}"
     Path("/dev/shm", name).unlink(missing_ok=True)

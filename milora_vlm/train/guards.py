@@ -10,6 +10,12 @@
   loss is judged there. Each skipped step is counted and logged with the ids of the records in every rank's
   batches; `max_consecutive_nonfinite` such steps in a row save a checkpoint of the last good state (skipped steps
   changed nothing) and stop the run with an error naming the steps and those batches.
+- Disk full: a save that fails for lack of space ends with DiskFull naming ENOSPC and the path (`naming_disk_full`).
+
+A skipped step is logged as skipped, not as a loss: the Trainer would log such a step as loss 0.0 (its NaN filter
+substitutes an average of the interval's steps so far, which is zero at an interval's start). The guard keeps the
+loss of the steps that did train in each logging interval (`note_loss`), and `interval_loss` gives the trainer's
+log the mean of those (none when every step was skipped) and how many were skipped.
 
 The Trainer has no hook to skip a backward, so MiLoRATrainer asks `NonFiniteGuard.loss_is_finite` in compute_loss
 and leaves out the backward itself (milora_vlm.train.trainer).
@@ -17,9 +23,12 @@ and leaves out the backward itself (milora_vlm.train.trainer).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
+import shutil
 from collections import Counter
 
 import torch
@@ -87,6 +96,9 @@ class NonFiniteGuard(TrainerCallback):
         self._records_this_step: list[str] = []
         self._nonfinite_step = False
         self._poison = poisoned_steps()
+        self._step_loss = 0.0  # this step's loss as the Trainer sums it (micro-steps' returned losses)
+        self._interval = [0.0, 0, 0]  # since the last log: loss sum of trained steps, trained steps, skipped steps
+        self.last_step_skipped = False
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         return loss * float("nan") if step in self._poison and _rank() == 0 else loss
@@ -109,12 +121,33 @@ class NonFiniteGuard(TrainerCallback):
         self._nonfinite_step = True
         return False
 
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """A micro-step's loss as training_step returns it (summed per step, as the Trainer does)."""
+        value = float(loss.detach().float().mean())
+        self._step_loss += value if math.isfinite(value) else 0.0
+
+    def interval_loss(self, device) -> tuple[float | None, int]:
+        """(mean loss of the trained steps since the last call, averaged over ranks, or None; skipped steps) — a
+        collective: every rank calls it at the same log."""
+        total, trained, skipped = self._interval
+        self._interval = [0.0, 0, 0]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([total], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total = t.item() / dist.get_world_size()
+        return (total / trained if trained else None), skipped
+
     def on_step_end(self, args, state, control, **kwargs):
         bad, reasons, records = self._nonfinite_step, self._bad_this_step, self._records_this_step
         self._nonfinite_step, self._bad_this_step, self._records_this_step = False, [], []
+        step_loss, self._step_loss = self._step_loss, 0.0
+        self.last_step_skipped = bad
         if not bad:  # the same decision on every rank (agreed loss check, global gradient norm)
+            self._interval[0] += step_loss
+            self._interval[1] += 1
             self.run, self.run_steps = [], []
             return control
+        self._interval[2] += 1
         gathered = _gather((reasons, records))
         reasons = list(dict.fromkeys(r for rank_reasons, _ in gathered for r in rank_reasons))
         batches = ", ".join(f"rank {i} [{', '.join(ids)}]" for i, (_, ids) in enumerate(gathered))
@@ -139,6 +172,35 @@ class NonFiniteGuard(TrainerCallback):
                 f"as {os.path.join(output_dir, f'checkpoint-{step}')}; lower the learning rate or check those batches, "
                 "then resume with --resume_from_checkpoint auto."
             )
+
+
+class DiskFull(OSError):
+    """No space left while saving; the message names ENOSPC and the path (torch.save only says "unexpected pos")."""
+
+
+def _is_disk_full(path: str, error: BaseException) -> bool:
+    seen = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    folder = path
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder) or "."
+    return shutil.disk_usage(folder).free < (1 << 20)  # torch.save's writer hides the errno: ask the file system
+
+
+@contextlib.contextmanager
+def naming_disk_full(path: str):
+    """Turn a save that failed because the disk is full into DiskFull naming ENOSPC and `path`."""
+    try:
+        yield
+    except Exception as e:  # torch.save raises RuntimeError, safetensors SafetensorError, plain writes OSError
+        if isinstance(e, DiskFull) or not _is_disk_full(path, e):
+            raise
+        raise DiskFull(errno.ENOSPC, f"no space left on device (ENOSPC) while saving to {path} "
+                       f"({type(e).__name__}: {e}); free space there or set --output_dir elsewhere, then resume "
+                       "with --resume_from_checkpoint auto", path) from e
 
 
 def _gather(obj) -> list:

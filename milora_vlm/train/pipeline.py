@@ -15,11 +15,12 @@ import time
 import torch
 
 from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
+from milora_vlm.data.dataset import NoTrainableRecords
 
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StitchedScheduleNote
 from .checkpoint import check_resume_compatible, resolve_resume
-from .guards import TrainingStopped
+from .guards import DiskFull, TrainingStopped
 from .skips import SkipCounter
 
 logger = logging.getLogger("milora_vlm.train")
@@ -177,6 +178,8 @@ def run(recipe: Recipe) -> str:
         too_long=d.too_long,
         leading_assistant=d.leading_assistant,
         image_to_front=d.image_to_front,
+        max_image_pixels=d.max_image_pixels,
+        allow_images_outside_folder=d.allow_images_outside_folder,
     )
     vcfg = loaded.model.config.vision_config if is_llava else None
     collator = ConversationCollator(
@@ -214,6 +217,8 @@ def run(recipe: Recipe) -> str:
     if distributed.rank() == 0:
         logger.info("skipped %d of %d records looked at%s", sum(reasons.values()), samples,
                     "".join(f"; {r}: {n}" for r, n in sorted(reasons.items())))
+        for reason, n in sorted(trainer.skip_counter.last_notes.items()):
+            logger.info("trained on %d records changed by %s (see data.max_length)", n, reason)
     distributed.barrier()
     if recipe.export != "none" and distributed.rank() == 0:
         from milora_vlm.export import export_adapter
@@ -245,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # checks that need the model (adapter targets, rank, ...)
         print(f"train_vlm: error: {e}", file=sys.stderr)
         return 2
-    except TrainingStopped as e:  # a guard (milora_vlm.train.guards) stopped the run
+    except (TrainingStopped, NoTrainableRecords) as e:  # a guard (milora_vlm.train.guards) stopped the run
         print(f"train_vlm: stopped: {e}", file=sys.stderr)
         return 3
+    except DiskFull as e:
+        print(f"train_vlm: error: {e.strerror}", file=sys.stderr)
+        return 1
     return 0

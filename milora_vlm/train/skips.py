@@ -6,6 +6,8 @@ trainer logs (all ranks log at the same steps). Records that could not even be p
 the file, identically on every rank, and are counted once.
 
 `last_totals` / `last_examples` (from the latest `totals()`) feed the max-skip-fraction guard (guards.py).
+Records trained on but changed (notes: answer_truncated, an answer cut by max_length) are counted alongside,
+logged as `changed/<reason>`; they are not skips and do not count against the guard.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ class SkipCounter:
     def __init__(self, load_skips: list[SkipRecord] = (), log_first: int = 3):
         self.samples = 0
         self.reasons: Counter = Counter()
+        self.notes: Counter = Counter()
+        self.last_notes: Counter = Counter()
         self.log_first = log_first
         self._load = Counter(s.reason for s in load_skips)
         self._load_n = len(load_skips)
@@ -45,6 +49,10 @@ class SkipCounter:
         if batch is None:
             return
         self.samples += batch.samples
+        for s in batch.notes:
+            self.notes[s.reason] += 1
+            if self.notes[s.reason] == 1:
+                logger.warning("trained on a changed record %s (further ones of this kind are only counted)", s.describe())
         for s in batch.skipped:
             self.reasons[s.reason] += 1
             self._example(s)
@@ -58,16 +66,18 @@ class SkipCounter:
         # load-time skips are on rank 0's counter only: they join its share, so every rank gets the same totals
         # (the skip guard takes the same decision everywhere)
         samples, reasons, examples = self.samples + self._load_n, self.reasons + self._load, dict(self.examples)
+        notes = Counter(self.notes)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (samples, dict(reasons), examples))
-            samples, reasons, examples = 0, Counter(), {}
-            for s, r, e in gathered:
+            dist.all_gather_object(gathered, (samples, dict(reasons), examples, dict(notes)))
+            samples, reasons, examples, notes = 0, Counter(), {}, Counter()
+            for s, r, e, n in gathered:
                 samples += s
                 reasons.update(r)
+                notes.update(n)
                 for reason, shown in e.items():
                     examples.setdefault(reason, []).extend(x for x in shown if x not in examples.get(reason, []))
-        self.last_totals, self.last_examples = (samples, reasons), examples
+        self.last_totals, self.last_examples, self.last_notes = (samples, reasons), examples, notes
         return self.last_totals
 
     @staticmethod
@@ -79,4 +89,5 @@ class SkipCounter:
         samples, reasons = self.totals()
         out = {"skipped/total": float(sum(reasons.values())), "skipped/fraction": self.fraction(samples, reasons)}
         out.update({f"skipped/{reason}": float(n) for reason, n in sorted(reasons.items())})
+        out.update({f"changed/{reason}": float(n) for reason, n in sorted(self.last_notes.items())})
         return out

@@ -30,7 +30,7 @@ from milora_vlm.data.collator import SKIPS_KEY
 
 from . import distributed
 from .checkpoint import clear_staging, publish, staging_dir
-from .guards import NonFiniteGuard, check_skip_fraction
+from .guards import NonFiniteGuard, check_skip_fraction, naming_disk_full
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
 
@@ -124,6 +124,7 @@ class MiLoRATrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._skip_backward = False
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.note_loss(loss)
         if self.accelerator.sync_gradients and not self._skip_backward and self.nonfinite.judge_grads:
             self._drop_nonfinite_grads(model)
         self._skip_backward = False
@@ -163,6 +164,16 @@ class MiLoRATrainer(Trainer):
         if self.skip_counter is not None:  # every rank logs at the same steps: the totals are gathered here
             logs.update(self.skip_counter.log_entries())
         logs["nonfinite_steps_skipped"] = float(self.nonfinite.skipped_total)
+        if "loss" in logs:  # a training log (every rank logs at the same steps): skipped steps are not a loss
+            loss, skipped = self.nonfinite.interval_loss(self.args.device)
+            if skipped:
+                logs["nonfinite_steps_in_interval"] = float(skipped)
+                if loss is None:
+                    del logs["loss"]
+                else:
+                    logs["loss"] = loss
+            if self.nonfinite.last_step_skipped:
+                logs.pop("grad_norm", None)  # no backward ran: the Trainer's 0.0 is not a gradient norm
         super().log(logs, *args, **kwargs)
         self.check_skips()
 
@@ -195,7 +206,8 @@ class MiLoRATrainer(Trainer):
         push, self.args.push_to_hub = self.args.push_to_hub, False  # pushed below, from its final place
         self._staging = staging
         try:
-            super()._save_checkpoint(model, trial)  # its checkpoint rotation only sees the staging folder
+            with naming_disk_full(staged):
+                super()._save_checkpoint(model, trial)  # its checkpoint rotation only sees the staging folder
         finally:
             self._staging, self.args.push_to_hub = None, push
         distributed.barrier()  # every rank's files are written
@@ -213,11 +225,15 @@ class MiLoRATrainer(Trainer):
             self._push_from_checkpoint(target)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        with naming_disk_full(output_dir):
+            self._save_adapter_or_model(output_dir, _internal_call)
+
+    def _save_adapter_or_model(self, output_dir: str, _internal_call: bool) -> None:
         from peft import PeftModel
 
         from milora_vlm.milora import save_milora
 
-        output_dir = output_dir or self.args.output_dir
         if isinstance(self.model, PeftModel):
             save_milora(self.model, output_dir)  # every rank: gathers ZeRO-3 shards, rank 0 writes
             if self.args.should_save:
