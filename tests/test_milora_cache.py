@@ -29,13 +29,13 @@ def count_decompositions(monkeypatch):
     import milora_vlm.milora.distributed as dist_mod
 
     calls = []
-    real = decompose_mod.minor_factors
+    real = decompose_mod.decompose
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(dist_mod, "minor_factors", counting)
+    monkeypatch.setattr(dist_mod, "decompose", counting)
     return calls
 
 

@@ -14,22 +14,31 @@ import torch
 from safetensors.torch import load_file
 
 from milora_vlm.milora import MiLoRAConfig, apply_milora, load_milora
-from milora_vlm.milora.distributed import assign_owners
+from milora_vlm.milora.distributed import plan_waves
 from milora_vlm.milora.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
-def test_assign_owners_balances_by_cost():
-    # LLaMA-7B-like layer: q, k, v, o (4096^2) and up, gate, down (4096 x 11008), cost ~ m n min(m, n)
-    costs = [4096**3] * 4 + [4096 * 4096 * 11008] * 3
-    owners = assign_owners(costs, 2)
-    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
-    assert max(loads) / min(loads) < 1.3
-    assert assign_owners(costs, 2) == owners  # deterministic: every rank computes the same plan
-    assert assign_owners(costs, 1) == [0] * len(costs)
-    assert sorted(set(assign_owners(costs, 16))) == list(range(7))  # more ranks than matrices: one each
+def test_plan_waves_bounds_what_a_rank_holds_and_balances_work():
+    # LLaMA-7B: 32 layers of q, k, v, o (4096^2) and gate, up, down (4096 x 11008), cost ~ m n min(m, n)
+    layer = [4096**3] * 4 + [4096 * 4096 * 11008] * 3
+    costs = layer * 32
+    for world_size in (1, 2, 8):
+        waves = plan_waves(costs, world_size)
+        assert plan_waves(costs, world_size) == waves  # deterministic: every rank computes the same plan
+        assert sorted(i for wave in waves for i, _ in wave) == list(range(len(costs)))  # each matrix once
+        for wave in waves:  # ZeRO-3 peak: a rank owns (so holds a full copy of) one matrix per wave
+            owners = [o for _, o in wave]
+            assert len(owners) == len(set(owners)) <= world_size
+        # waves run one after the other: wall ~ sum of each wave's slowest rank, within 5% of perfect division
+        wall = sum(max(costs[i] for i, _ in wave) for wave in waves)
+        assert wall <= 1.05 * sum(costs) / world_size + max(costs)
+    two = plan_waves(costs, 2, per_rank=3)
+    assert all(max([o for _, o in w].count(r) for r in range(2)) <= 3 for w in two)
+    loads = [sum(costs[i] for w in two for i, o in w if o == r) for r in range(2)]
+    assert max(loads) / min(loads) < 1.05
 
 
 def _free_port() -> int:
