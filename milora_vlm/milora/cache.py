@@ -10,6 +10,7 @@ warning, ignored, and the factors are recomputed and written again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -122,7 +123,8 @@ def save_cached(cache_dir, key: str, settings: dict, factors: Factors, sigma_max
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("MiLoRA cache: could not write %s (%s); the factors are not cached", path, exc)
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         return None
     return path
 
