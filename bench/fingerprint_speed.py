@@ -69,7 +69,7 @@ def main() -> None:
     result["fingerprint_GB_per_s"] = round(nbytes / result["fingerprint_s"] / 1e9, 2)
     if not args.no_decompose:
         t0 = time.perf_counter()
-        d = decompose(w, args.r, mode="minor")
+        d = decompose(w, args.r, 1.0, "minor", "auto", None)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         result[f"decompose_{d.route}_r{args.r}_s"] = round(time.perf_counter() - t0, 2)

@@ -100,7 +100,7 @@ def _read_entry(path: Path, shapes: dict[str, tuple[int, int]], r: int) -> tuple
             smax = f.get_tensor(f"{name}.sigma_max")
             if A0.shape != (r, n) or B0.shape != (m, r) or smax.numel() != 1:
                 raise ValueError(f"'{name}': A0 {tuple(A0.shape)}, B0 {tuple(B0.shape)}, expected ({r}, {n}), ({m}, {r})")
-            if A0.dtype != torch.float32 or B0.dtype != torch.float32 or not all(torch.isfinite(t).all() for t in (A0, B0, smax)):
+            if any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in (A0, B0, smax)):
                 raise ValueError(f"'{name}': factors not finite fp32")
             factors[name] = (A0, B0)
             sigma_max[name] = float(smax)

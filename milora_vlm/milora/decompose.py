@@ -127,21 +127,18 @@ def minor_factors(
       approximate SVD, CUDA only, inaccurate for small singular values: not for minor components of
       ill-conditioned matrices), "auto" (gram unless the matrix is small or the device lacks fp64).
     """
-    d = decompose(weight, r, scaling, mode, method, generator, seed)
+    if mode == "random" and generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    d = decompose(weight, r, scaling, mode, method, generator)
     return d.A, d.B
 
 
 @torch.no_grad()
 def decompose(
-    weight: torch.Tensor,
-    r: int,
-    scaling: float = 1.0,
-    mode: str = "minor",
-    method: str = "auto",
-    generator: Optional[torch.Generator] = None,
-    seed: Optional[int] = None,
+    weight: torch.Tensor, r: int, scaling: float, mode: str, method: str, generator: Optional[torch.Generator]
 ) -> Decomposition:
-    """minor_factors (same arguments) with W's largest singular value and the route taken."""
+    """minor_factors' work (same arguments, a generator for mode 'random'), with W's largest singular value and
+    the route taken, which the init report needs."""
     check_weight(weight, r)
     if not (isinstance(scaling, (int, float)) and scaling > 0 and scaling != float("inf")):
         raise ValueError(f"scaling={scaling!r} must be a positive finite number (LoRA's alpha / r)")
@@ -150,9 +147,7 @@ def decompose(
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or inf; fix the checkpoint before decomposing it")
     if mode == "random" and generator is None:
-        if seed is None:
-            raise ValueError("mode='random' needs seed= or generator= so that every process picks the same triplets")
-        generator = torch.Generator().manual_seed(seed)
+        raise ValueError("mode='random' needs seed= or generator= so that every process picks the same triplets")
 
     out_f, in_f = weight.shape
     k = min(out_f, in_f)

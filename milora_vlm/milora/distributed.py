@@ -260,7 +260,8 @@ def _decompose_in_waves(
                 continue
             with errors.capture(f"target '{t.name}'"):
                 gen = _generator(config.seed, t.name) if config.init == "random" else None
-                d = decompose(w.to(resolve_device(config.decompose_device, w)), config.r, config.scaling, config.init, config.method, generator=gen)
+                w = w.to(resolve_device(config.decompose_device, w))
+                d = decompose(w, config.r, config.scaling, config.init, config.method, gen)
                 local[i] = (d.A, d.B, d.sigma_max)
                 report.decomposed_names.append(t.name)
             del w
