@@ -6,6 +6,10 @@ Scenarios, in order, each writing rank{R}_{name}.safetensors (adapter values) an
                also save_milora before and after deepspeed.initialize (adapter partitioned by then)
   zero3_cached ZeRO-3 again with a cache_dir, twice: the second run must be a cache hit
   zero3_subtract  residual="subtract": W_res written into partitioned weights (gathered here for the check)
+  fail_*       ZeRO-3 inits where one rank raises (simulated out of memory / LinAlgError / failed cache write or
+               fingerprint): rank{R}_{name}.json holds the exception each rank got and whether its model was
+               left untouched
+  after_failures  a normal ZeRO-3 init after those: the ranks' collectives still line up
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from milora_vlm.milora import MiLoRAConfig, apply_milora, save_milora
+from milora_vlm.milora import cache as cache_mod
+from milora_vlm.milora import distributed as dist_mod
 from milora_vlm.milora.offset import frozen_factors
 from milora_vlm.milora.targets import find_targets, full_weight, is_partitioned
 from milora_vlm.train.distributed import init_distributed
@@ -52,6 +58,43 @@ def dump(peft_model, out: Path, name: str, with_weights: bool = False) -> None:
     partitioned = all(is_partitioned(t.weight) for t in find_targets(peft_model))
     info = dict(vars(report), partitioned=partitioned)
     (out / f"rank{rank}_{name}.json").write_text(json.dumps(info))
+
+
+# name: (failing rank, module, function, failing call number, exception), extra MiLoRAConfig fields
+FAILURES = {
+    "fail_oom_rank1": (1, dist_mod, "decompose", 1, lambda: torch.OutOfMemoryError("simulated: CUDA out of memory"), {}),
+    "fail_linalg_rank0": (0, dist_mod, "decompose", 2, lambda: torch.linalg.LinAlgError("simulated: no convergence"), {}),
+    "fail_fingerprint_rank1": (1, cache_mod, "weight_fingerprint", 3, lambda: MemoryError("simulated: host OOM"), {"cache_dir": True}),
+    "fail_cache_write_rank0": (0, cache_mod, "save_cached", 1, lambda: RuntimeError("simulated: quota exceeded"), {"cache_dir": True}),
+}
+
+
+def run_failure(args, fields: dict, out: Path, name: str) -> None:
+    rank = dist.get_rank()
+    failing_rank, module, attr, at_call, make_error, extra = FAILURES[name]
+    if extra.get("cache_dir"):
+        fields = dict(fields, cache_dir=str(out / f"cache_{name}"))
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    before = [(n, type(m).__name__) for n, m in model.named_modules()]
+    real, calls = getattr(module, attr), []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise make_error()
+        return real(*a, **kw)
+
+    if rank == failing_rank:
+        setattr(module, attr, failing)
+    try:
+        apply_milora(model, MiLoRAConfig(**fields))
+        result = {"type": None, "message": ""}
+    except Exception as exc:  # noqa: BLE001  recorded for the test
+        result = {"type": type(exc).__name__, "message": str(exc)}
+    finally:
+        setattr(module, attr, real)
+    result["untouched"] = [(n, type(m).__name__) for n, m in model.named_modules()] == before
+    (out / f"rank{rank}_{name}.json").write_text(json.dumps(result))
 
 
 def main() -> None:
@@ -85,6 +128,11 @@ def main() -> None:
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     dump(apply_milora(model, MiLoRAConfig(**dict(fields, residual="subtract"))), out, "zero3_subtract", with_weights=True)
+
+    for name in FAILURES:
+        run_failure(args, fields, out, name)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dump(apply_milora(model, MiLoRAConfig(**fields)), out, "after_failures")
 
 
 if __name__ == "__main__":

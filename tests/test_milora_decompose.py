@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from milora_vlm.milora import minor_factors
-from milora_vlm.milora.decompose import resolve_method, select_indices
+from milora_vlm.milora.decompose import decompose, init_health, resolve_method, select_indices
 
 
 def known_spectrum(m: int, n: int, seed: int = 0, cond: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,3 +146,31 @@ def test_auto_method_choice():
 def test_bad_inputs_raise_clear_errors(make, kwargs, error, match):
     with pytest.raises(error, match=match):
         minor_factors(make(), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_init_health_flags_unresolvable_minor_part_with_numbers(method):
+    # minor singular values ~1e-10 of the largest: beyond what either route separates from rounding
+    W, S = known_spectrum(200, 120, seed=1, cond=1e7)
+    d = decompose(W.double() if method == "gram" else W, 8, 2.0, "minor", method, None)
+    figures, warning = init_health(d.A, d.sigma_max, 2.0, d.route)
+    assert figures["sigma_max"] == pytest.approx(float(S[0]), rel=1e-4)
+    assert figures["selected_min"] < 1e-6 * figures["sigma_max"]
+    assert warning is not None and f"below what the {method} route resolves" in warning
+    assert f"{figures['selected_min']:.2e}" in warning and "condition number" in warning
+
+
+def test_init_health_flags_zero_singular_values_and_passes_healthy_ones():
+    W, _ = known_spectrum(64, 48)
+    W[:, :10] = 0  # rank 38: the 8 minor singular values are zero
+    d = decompose(W, 8, 1.0, "minor", "auto", None)
+    figures, warning = init_health(d.A, d.sigma_max, 1.0, d.route)
+    assert figures["a0_vs_lora"] < 1e-3 and "smaller than LoRA's" in warning
+    W, S = known_spectrum(64, 48, cond=1e2)
+    for mode in ("minor", "principal"):
+        d = decompose(W, 8, 1.0, mode, "auto", None)
+        figures, warning = init_health(d.A, d.sigma_max, 1.0, d.route)
+        assert warning is None, warning
+        expected = S[-8:] if mode == "minor" else S[:8]
+        assert figures["selected_min"] == pytest.approx(float(expected.min()), rel=1e-4)
+        assert figures["selected_max"] == pytest.approx(float(expected.max()), rel=1e-4)

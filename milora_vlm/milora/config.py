@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -27,7 +28,8 @@ class MiLoRAConfig:
       at step 0 in any dtype) or "subtract" (the paper's W_res = W - s B0 A0 written into the base weight).
     modules_to_save: modules trained in full and saved with the adapter (e.g. ["multi_modal_projector"]).
     seed: seeds the "random" selection and the "lora" init, identically on every process.
-    cache_dir: where initial factors are cached, keyed by the weights' fingerprint and these settings.
+    cache_dir: where initial factors are cached, keyed by the weights' fingerprint and these settings ("~" is
+      expanded here, so that every later use sees the same real path).
     method: decomposition route, see milora_vlm.milora.decompose.minor_factors.
     decompose_device: "auto" (the local CUDA device if there is one, else the weight's device), or a device
       string such as "cpu" / "cuda:0"; weights are copied there one at a time for the decomposition.
@@ -83,6 +85,10 @@ class MiLoRAConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"MiLoRAConfig.seed={self.seed!r}: give an integer")
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, (str, os.PathLike)) or not os.fspath(self.cache_dir):
+                raise ValueError(f"MiLoRAConfig.cache_dir={self.cache_dir!r}: give a directory path or None")
+            self.cache_dir = os.path.expanduser(os.fspath(self.cache_dir))
         if self.method not in METHODS:
             raise ValueError(f"MiLoRAConfig.method={self.method!r}: choose one of {METHODS}")
         if not isinstance(self.decompose_device, str) or not self.decompose_device:

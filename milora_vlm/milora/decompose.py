@@ -23,6 +23,8 @@ weight's own layout), so this is written by hand on top of torch.linalg.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -34,6 +36,23 @@ METHODS = ("auto", "svd", "gram", "gesvda")
 # 1024x2752 svd 0.92 s, gram 0.31 s).
 _SMALL_SIDE = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Smallest sigma / sigma_max each route separates from rounding: the fp64 Gram route squares the spectrum (eigenvalue
+# errors ~1e-16 sigma_max^2 leave a sigma below ~1e-7 sigma_max with under two correct digits), fp32 SVD has absolute
+# errors ~6e-8 sigma_max. Below it, the selected "singular vectors" are arbitrary directions of a noise-level space.
+RESOLUTION = {"gram": 1e-7, "svd": 1e-6, "gesvda": 1e-6}
+# ||A0|| below this fraction of PEFT's Kaiming-uniform A makes B's step-0 gradients that much smaller than LoRA's.
+WEAK_START = 1e-3
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """minor_factors' result with what the init report needs: A (r x in), B (out x r) fp32, and W's largest
+    singular value (the selected ones are scaling * ||A_i||^2, so need not be carried separately)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    sigma_max: float
+    route: str
 
 
 def select_indices(k: int, r: int, mode: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -90,7 +109,6 @@ def check_weight(weight: torch.Tensor, r: int, name: str = "weight") -> None:
         raise ValueError(f"{name}: r={r} must satisfy 1 <= r <= min(out, in) = {k} for shape {tuple(weight.shape)}")
 
 
-@torch.no_grad()
 def minor_factors(
     weight: torch.Tensor,
     r: int,
@@ -109,6 +127,18 @@ def minor_factors(
       approximate SVD, CUDA only, inaccurate for small singular values: not for minor components of
       ill-conditioned matrices), "auto" (gram unless the matrix is small or the device lacks fp64).
     """
+    if mode == "random" and generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    d = decompose(weight, r, scaling, mode, method, generator)
+    return d.A, d.B
+
+
+@torch.no_grad()
+def decompose(
+    weight: torch.Tensor, r: int, scaling: float, mode: str, method: str, generator: Optional[torch.Generator]
+) -> Decomposition:
+    """minor_factors' work (same arguments, a generator for mode 'random'), with W's largest singular value and
+    the route taken, which the init report needs."""
     check_weight(weight, r)
     if not (isinstance(scaling, (int, float)) and scaling > 0 and scaling != float("inf")):
         raise ValueError(f"scaling={scaling!r} must be a positive finite number (LoRA's alpha / r)")
@@ -117,36 +147,66 @@ def minor_factors(
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or inf; fix the checkpoint before decomposing it")
     if mode == "random" and generator is None:
-        if seed is None:
-            raise ValueError("mode='random' needs seed= or generator= so that every process picks the same triplets")
-        generator = torch.Generator().manual_seed(seed)
+        raise ValueError("mode='random' needs seed= or generator= so that every process picks the same triplets")
 
     out_f, in_f = weight.shape
     k = min(out_f, in_f)
     idx = select_indices(k, r, mode, generator)
     route = resolve_method(method, (out_f, in_f), weight.device)
     if route == "gram":
-        U, S, V = _gram_triplets(weight, idx)
+        U, S, V, sigma_max = _gram_triplets(weight, idx)
     else:
         driver = "gesvda" if route == "gesvda" else None
         U_all, S_all, Vh_all = torch.linalg.svd(weight.to(torch.float32), full_matrices=False, driver=driver)
         idx_d = idx.to(weight.device)
-        U, S, V = U_all[:, idx_d], S_all[idx_d], Vh_all[idx_d].T
+        U, S, V, sigma_max = U_all[:, idx_d], S_all[idx_d], Vh_all[idx_d].T, float(S_all[0])
 
     root = torch.sqrt(S / scaling)
     B = (U * root).to(torch.float32).contiguous()
     A = (root[:, None] * V.T).to(torch.float32).contiguous()
-    return A, B
+    return Decomposition(A, B, sigma_max, route)
 
 
-def _gram_triplets(weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Selected singular triplets (U: out x r, S: r, V: in x r), fp64, via the Gram matrix of the smaller side."""
+def init_health(A0: torch.Tensor, sigma_max: float, scaling: float, route: str) -> tuple[dict, Optional[str]]:
+    """Figures of one adapter's starting point, and a warning when it starts nearly dead.
+
+    Returns ({"sigma_max", "selected_min", "selected_max", "a0_vs_lora"}, warning or None). The selected singular
+    values are scaling * ||A0_i||^2 (A0's rows carry sqrt(sigma_i / s)); a0_vs_lora is ||A0||_F over the expected
+    norm sqrt(r / 3) of PEFT's Kaiming-uniform A, i.e. how B's step-0 gradient compares with LoRA's.
+    """
+    r = A0.shape[0]
+    selected = scaling * A0.detach().double().pow(2).sum(dim=1).cpu()
+    smin, smax_sel = float(selected.min()), float(selected.max())
+    a0_vs_lora = float(A0.detach().double().norm()) / math.sqrt(r / 3)
+    figures = {"sigma_max": sigma_max, "selected_min": smin, "selected_max": smax_sel, "a0_vs_lora": a0_vs_lora}
+    problems = []
+    relative = smin / sigma_max if sigma_max > 0 else 0.0
+    floor = RESOLUTION.get(route, RESOLUTION["svd"])
+    if relative < floor:
+        problems.append(
+            f"selected singular values down to {smin:.2e} = {relative:.1e} x sigma_max {sigma_max:.2e} (condition "
+            f"number {1 / relative if relative else float('inf'):.1e}), below what the {route} route resolves "
+            f"(~{floor:.0e} x sigma_max): those directions are numerically zero or arbitrary"
+        )
+    if a0_vs_lora < WEAK_START:
+        problems.append(
+            f"||A0|| is {a0_vs_lora:.1e} of LoRA's Kaiming A, so B's gradients start "
+            + (f"~{1 / a0_vs_lora:.0e}x smaller than LoRA's" if a0_vs_lora > 0 else "at zero")
+        )
+    if not problems:
+        return figures, None
+    return figures, "adapter starts nearly dead: " + "; ".join(problems) + " (init 'principal' or 'lora' avoids it)"
+
+
+def _gram_triplets(weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Selected singular triplets (U: out x r, S: r, V: in x r), fp64, via the Gram matrix of the smaller side,
+    and the largest singular value (from the largest eigenvalue, which the Gram route gets to full precision)."""
     W = weight.to(torch.float64)
     transposed = W.shape[0] < W.shape[1]
     if transposed:  # work on the tall orientation: the Gram matrix is then the small one
         W = W.T
     k = W.shape[1]
-    _, evecs = torch.linalg.eigh(W.T @ W)  # eigenvalues ascending: descending index i is column k-1-i
+    evals, evecs = torch.linalg.eigh(W.T @ W)  # eigenvalues ascending: descending index i is column k-1-i
     cols = (k - 1 - idx).to(W.device)
     V_k = evecs[:, cols]  # right vectors of the selected triplets, accurate to fp64 / the spectral gap
     # Rayleigh-Ritz on the other side: W V_k = Q R, R = P diag(S) Z^T  =>  W (V_k Z) = (Q P) diag(S).
@@ -155,4 +215,4 @@ def _gram_triplets(weight: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tenso
     U, V = Q @ P, V_k @ Zt.T
     if transposed:
         U, V = V, U
-    return U, S, V
+    return U, S, V, math.sqrt(max(float(evals[-1]), 0.0))

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+logger = logging.getLogger(__name__)
+
+VISION_TOWER = "vision_tower"  # LLaVA's (llava-hf) name for the CLIP encoder
 
 
 @dataclass
@@ -78,3 +84,25 @@ def full_weight(target: Target) -> Iterator[torch.Tensor]:
 
 def _as_out_in(target: Target, w: torch.Tensor) -> torch.Tensor:
     return w.T if target.layer.fan_in_fan_out else w
+
+
+def vision_tower_exclusion(model: nn.Module, target_modules) -> Optional[str]:
+    """PEFT exclude_modules regex keeping name-list target_modules out of a LLaVA vision tower, or None.
+
+    Names such as q_proj / k_proj / v_proj also match the CLIP tower's attention; MiLoRA adapts the language model
+    (the paper, and the recipes' own rule), so names given as a list are not matched inside the vision tower. A
+    regex string is taken as written: that is how to adapt the tower on purpose.
+    """
+    if isinstance(target_modules, str):
+        return None
+    hit = [
+        name for name, _ in model.named_modules()
+        if VISION_TOWER in name.split(".") and any(name == t or name.endswith(f".{t}") for t in target_modules)
+    ]  # fmt: skip
+    if not hit:
+        return None
+    logger.info(
+        "MiLoRA: target_modules %s also name %d modules of the vision tower (e.g. %s); adapting the language model "
+        "only (give target_modules as a regex to adapt the vision tower)", target_modules, len(hit), hit[0],
+    )
+    return rf"(?:.*\.)?{re.escape(VISION_TOWER)}(?:\..*)?"
