@@ -40,6 +40,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from milora_vlm import analysis as an  # noqa: E402
+from milora_vlm.data.records import RecordWriter, write_records  # noqa: E402
+from milora_vlm.data.subset import seeded_subset  # noqa: E402
 
 INITS = ("lora", "principal", "minor", "full")
 INIT_NAMES = {"lora": "LoRA", "principal": "PiSSA", "minor": "MiLoRA", "full": "full FT", "base": "base (no finetuning)"}
@@ -133,13 +135,7 @@ def question_subset(path: str, limit: int | None, out_path: str, seed: int = 0) 
     records = [rec for _, rec in load_records(path)]
     if not records:
         raise SystemExit(f"{path}: no questions")
-    if limit is not None and limit < len(records):
-        keep = set(random.Random(seed).sample(range(len(records)), limit))
-        records = [r for i, r in enumerate(records) if i in keep]
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_records(out_path, seeded_subset(records, limit, seed))
     return out_path
 
 
@@ -148,7 +144,7 @@ def questions_as_conversations(questions_path: str, out_path: str) -> str:
     forgetting is measured on: prompt and gold answer, the answer tokens being the scored positions)."""
     from milora_vlm.evaluation.inputs import load_records
 
-    with open(out_path, "w", encoding="utf-8") as f:
+    with RecordWriter(out_path) as writer:
         for line_no, rec in load_records(questions_path):
             if "answer" not in rec or "text" not in rec:
                 raise SystemExit(f"{questions_path}:{line_no}: forgetting needs fields 'text' and 'answer'")
@@ -157,7 +153,7 @@ def questions_as_conversations(questions_path: str, out_path: str) -> str:
                     "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": str(rec["answer"])}]}
             if rec.get("image") is not None:
                 conv["image"] = rec["image"]
-            f.write(json.dumps(conv) + "\n")
+            writer.write(conv)
     return out_path
 
 
