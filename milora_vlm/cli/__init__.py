@@ -1,0 +1,5 @@
+"""The command-line tools, installed as console scripts (pyproject.toml [project.scripts]).
+
+Each module's `main(argv)` is the tool; the files under data_prep/, eval/ and scripts/ are thin wrappers that
+call it, so `python eval/score.py ...` and `milora-score ...` are the same program.
+"""
