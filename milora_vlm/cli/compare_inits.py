@@ -303,9 +303,8 @@ def parse_args(argv):
                     help="python: one process, in this interpreter; deepspeed: the deepspeed launcher with --num-gpus")
     ap.add_argument("--num-gpus", type=int, default=1)
     ap.add_argument("--threads", type=int,
-                    help="CPU threads for torch (training and evaluation). On a shared CPU box use 1: measured "
-                         "2026-11-23 on the 2-core dev box with another job running, 6 MiLoRA steps (tiny LLaVA, "
-                         "batch 32) took 7.9 s with 1 thread and 37 s with 2")
+                    help="CPU threads for torch (training and evaluation). On a shared CPU box use 1 (BENCHMARKS.md, "
+                         "easy-VQA demo and inits study: 1 thread was several times faster than 2 there)")
     ap.add_argument("--quick", action="store_true", help="smoke test: first seed only, 2 steps, 8 questions each")
     args = ap.parse_args(argv)
     if args.quick:
