@@ -69,7 +69,8 @@ from milora_vlm.analysis.walk import (
     module_location,
     name_filter,
 )
-from milora_vlm.data.templates import IGNORE_INDEX  # the label value forgetting_stats skips (tests build labels with it)
+# the label value that forgetting_stats does not score (tests build labels with it)
+from milora_vlm.data.templates import IGNORE_INDEX
 
 __all__ = [
     "DEFAULT_FULL_TARGETS",

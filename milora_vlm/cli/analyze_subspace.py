@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from milora_vlm.cli import exit_status_zero
 from milora_vlm import analysis as an
 
 # (figure of SubspaceReport.flat(), column title) compared across checkpoints
@@ -93,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, an.SubspaceReport]:
     return reports
 
 
-def entry() -> int:
-    """The console script: main() returns the reports, the shell wants an exit status."""
-    main()
-    return 0
+entry = exit_status_zero(main)  # the console script
 
 
 if __name__ == "__main__":

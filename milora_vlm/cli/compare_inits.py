@@ -34,6 +34,7 @@ import time
 import torch
 import yaml
 
+from milora_vlm.cli import exit_status_zero
 from milora_vlm import analysis as an
 from milora_vlm.data.records import RecordWriter, write_records
 from milora_vlm.data.subset import seeded_subset
@@ -410,10 +411,7 @@ def load_or_run(run_dir: str, job) -> dict:
     return result
 
 
-def entry() -> int:
-    """The console script: main() returns the results, the shell wants an exit status."""
-    main()
-    return 0
+entry = exit_status_zero(main)  # the console script
 
 
 if __name__ == "__main__":

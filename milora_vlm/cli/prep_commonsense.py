@@ -16,14 +16,10 @@ non-string input, are dropped and listed in OUT.report.json with their line (or 
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 
-from tqdm import tqdm
-
-from milora_vlm.data.records import RecordFileError, RecordWriter, iter_source, position_kind
-from milora_vlm.data.validation import Report, convert_records, finish, report_path_for, text_field
+from milora_vlm.cli.text_prep import run_text_converter
+from milora_vlm.data.validation import text_field
 
 # Alpaca's system sentence for prompts with an input (the no-input one is the `alpaca` template's default).
 ALPACA_INPUT_SYSTEM = (
@@ -44,25 +40,7 @@ def to_conversation(position: int, row: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", required=True, help="local .json/.jsonl file, or a hub data set name (owner/name)")
-    ap.add_argument("--split", default="train", help="split of a hub data set (default train)")
-    ap.add_argument("--output", required=True, help="conversations: .jsonl, or .json for an array")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if any record was dropped")
-    args = ap.parse_args(argv)
-    local = os.path.exists(args.input)
-    report = Report("data_prep/commonsense170k.py", position_kind(args.input) if local else "index",
-                    input=os.path.abspath(args.input) if local else args.input, split=None if local else args.split,
-                    output=os.path.abspath(args.output), template="alpaca")
-    try:
-        with RecordWriter(args.output) as writer:
-            rows = tqdm(iter_source(args.input, args.split), desc="converting", unit="rec", mininterval=1.0)
-            convert_records(rows, to_conversation, writer, report)
-    except RecordFileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return finish(report, report_path_for(args.output), args.strict)
+    return run_text_converter(__doc__, "data_prep/commonsense170k.py", to_conversation, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from milora_vlm.cli import exit_status_zero
 from milora_vlm.demo.easyvqa import DEFAULT_REPLAY, SPLITS, convert, format_summary
 
 
@@ -38,10 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def entry() -> int:
-    """The console script: main() returns the summary, the shell wants an exit status."""
-    main()
-    return 0
+entry = exit_status_zero(main)  # the console script
 
 
 if __name__ == "__main__":
