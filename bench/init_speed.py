@@ -21,15 +21,12 @@ import json
 import math
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from milora_vlm.milora import MiLoRAConfig, apply_milora, minor_factors  # noqa: E402
-from milora_vlm.milora.decompose import resolve_method  # noqa: E402
+from milora_vlm.milora import MiLoRAConfig, apply_milora, minor_factors
+from milora_vlm.milora.decompose import resolve_method
 
 
 def target_shapes(hidden: int, inter: int, targets: list[str]) -> list[tuple[str, tuple[int, int]]]:

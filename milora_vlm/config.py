@@ -6,8 +6,8 @@ scalars `deepspeed` (path to a DeepSpeed JSON), `export` (merged | lora | none) 
 
 Everything that can be checked without loading a model is checked in `load_recipe`: unknown keys (with a
 "did you mean"), wrong types, choices, missing paths and contradictory settings; each error names the key and
-the fix. The one check that needs the model (adapter rank against each target matrix) is in
-milora_vlm.model.targets. Command-line overrides go through the same typed parser:
+the fix. The one check that needs the model (adapter rank against each target matrix) is
+milora_vlm.model.trainable.check_adapter_targets. Command-line overrides go through the same typed parser:
     --adapter.r 64  --data.train_file x.jsonl  --max_steps 10  --training.seed 3  --deepspeed configs/zero2.json
 """
 

@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-
-from milora_vlm.demo.base_model import INFO_FILE, BaseModelSpec, build_base_model, is_built  # noqa: E402
+from milora_vlm.demo.base_model import INFO_FILE, BaseModelSpec, build_base_model, is_built
 
 
 def build_parser() -> argparse.ArgumentParser:

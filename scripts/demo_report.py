@@ -16,9 +16,10 @@ import glob
 import json
 import os
 import platform
-import random
 import sys
 import time
+
+from milora_vlm.data.subset import seeded_subset
 
 MODELS = {"base": "base model (stage 0)", "milora": "after MiLoRA on the new task"}
 FAMILIES = {"old": "old task: colour questions", "new": "new task: shape questions"}
@@ -34,9 +35,7 @@ def subset(input_path: str, limit: int, output: str, seed: int = 0) -> int:
         lines = [line for line in f if line.strip()]
     if not lines:
         raise SystemExit(f"{input_path}: no questions")
-    if limit < len(lines):
-        keep = set(random.Random(seed).sample(range(len(lines)), limit))
-        lines = [line for i, line in enumerate(lines) if i in keep]
+    lines = seeded_subset(lines, limit, seed)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", encoding="utf-8") as f:
         f.writelines(lines)

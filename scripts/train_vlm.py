@@ -8,12 +8,9 @@ TrainingArguments names (--output_dir, --max_steps, --save_steps, --seed, --lear
 --resume_from_checkpoint DIR|auto). Without the launcher (`python scripts/train_vlm.py ...`) it runs as one process.
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from milora_vlm.train.pipeline import main  # noqa: E402
+from milora_vlm.train.pipeline import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterator
+from typing import Iterable, Iterator
 
 # Image paths and decoding live in images.py; re-exported here for the callers that read records and images.
 from .images import BadImage, load_image, resolve_image_path  # noqa: F401
@@ -185,6 +185,14 @@ def iter_source(source: str, split: str = "train") -> Iterator[tuple[int, dict |
         raise RecordFileError(f"cannot load hub data set {source!r} split {split!r}: {type(e).__name__}: {e}") from e
     for idx, row in enumerate(rows, start=1):
         yield idx, dict(row), None
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Write every record with a RecordWriter (atomic; .jsonl or a .json array by the name); returns how many."""
+    with RecordWriter(path) as writer:
+        for record in records:
+            writer.write(record)
+    return writer.count
 
 
 class RecordWriter:

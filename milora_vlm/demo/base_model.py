@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from milora_vlm.data.images import process_images
 from milora_vlm.data.records import load_image
+from milora_vlm.data.subset import seeded_subset as _subset
 from milora_vlm.data.templates import IGNORE_INDEX, encode_conversation, get_template
 from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
@@ -305,13 +306,6 @@ def answer_accuracy(model, features: torch.Tensor, samples: list[EncodedSample],
 
 # ---------------------------------------------------------------------------------------------------------------
 # the whole builder
-
-
-def _subset(items: list, n: int | None, seed: str) -> list:
-    if n is None or n >= len(items):
-        return items
-    keep = set(random.Random(seed).sample(range(len(items)), n))
-    return [x for i, x in enumerate(items) if i in keep]
 
 
 def build_base_model(data_dir: str, output: str, spec: BaseModelSpec | None = None, log_dir: str | None = None) -> dict:

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
+from milora_vlm.data.records import write_records as _write_jsonl
+from milora_vlm.data.subset import seeded_subset as _subset
+
 COLORS = ("red", "green", "blue", "yellow", "teal", "brown", "gray", "black")
 SHAPES = ("circle", "rectangle", "triangle")
 YES_NO = ("yes", "no")
@@ -190,20 +193,6 @@ def _conversation(q: Question) -> dict:
 def _eval_question(q: Question) -> dict:
     # LLaVA's model_vqa convention: `text` is the bare question; the generator adds the <image> placeholder.
     return {"question_id": q.qid, "image": q.image, "text": q.text, "answer": q.answer, "category": q.category}
-
-
-def _subset(items: list[Question], n: int | None, rng: random.Random) -> list[Question]:
-    """A seeded random subset of at most n items, kept in the package's order."""
-    if n is None or n >= len(items):
-        return items
-    keep = set(rng.sample(range(len(items)), n))
-    return [q for i, q in enumerate(items) if i in keep]
-
-
-def _write_jsonl(path: str, rows) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 # Old-family questions replayed in stage 2, as a fraction of the new family's. Measured 2026-11-23 (demo, MiLoRA,

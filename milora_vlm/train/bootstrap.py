@@ -9,7 +9,6 @@ renamed, so a half-built directory is never taken for a finished one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -95,15 +94,6 @@ def _atomic_dir(final: str):
     return tempfile.mkdtemp(prefix=".tmp-", dir=parent)
 
 
-def _write_jsonl(path: str, records: list[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_texts(path: str) -> list[str]:
     from milora_vlm.data.records import iter_records
 
@@ -112,6 +102,7 @@ def _read_texts(path: str) -> list[str]:
 
 def bootstrap_tiny(recipe) -> None:
     """Create recipe.data.train_file (+ images) and recipe.model.path when missing. Call on one process."""
+    from milora_vlm.data.records import write_records
     from milora_vlm.model.tiny import build_tiny_causal_lm, build_tiny_llava, train_tiny_tokenizer
 
     rng = random.Random(SEED)
@@ -122,13 +113,7 @@ def bootstrap_tiny(recipe) -> None:
             records = shapes_records(image_dir, rng, relative=data.image_folder is not None)
         else:
             records = instruction_records(rng)
-        if data.train_file.endswith(".json"):
-            os.makedirs(os.path.dirname(os.path.abspath(data.train_file)), exist_ok=True)
-            with open(data.train_file + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(records, f)
-            os.replace(data.train_file + ".tmp", data.train_file)
-        else:
-            _write_jsonl(data.train_file, records)
+        write_records(data.train_file, records)  # a .json array or .jsonl lines, by the file name
         logger.info("bootstrap: wrote %d synthetic records to %s", len(records), data.train_file)
     path = recipe.model.path
     if os.path.exists(path):

@@ -1,0 +1,110 @@
+"""The command-line tools: every console script in pyproject.toml resolves to a callable in the package, each
+wrapper file under data_prep/, eval/, scripts/ runs that same main(), and every script's --help exits 0 when
+run as `python <file>` from another directory (no sys.path tricks: the installed package is imported)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("data_prep", "eval", "scripts")
+                 for p in (REPO / d).glob("*.py"))
+# Scripts whose --help imports torch, transformers, PEFT or DeepSpeed (seconds each on a 2-core box): checked in
+# one interpreter, in the slow lane. The others each start their own interpreter in the quick lane.
+HEAVY = {"eval/generate.py", "scripts/analyze_subspace.py", "scripts/compare_inits.py", "scripts/build_llava.py",
+         "scripts/export_adapter.py", "scripts/train_vlm.py", "scripts/build_demo_base.py"}
+
+
+def console_scripts() -> dict[str, str]:
+    with open(REPO / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["scripts"]
+
+
+def resolve(target: str):
+    module, _, attr = target.partition(":")
+    return importlib.import_module(module), getattr(importlib.import_module(module), attr)
+
+
+def load_file(rel: str):
+    spec = importlib.util.spec_from_file_location("wrapper_" + rel.replace("/", "_")[:-3], REPO / rel)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_console_scripts_resolve_to_callables():
+    scripts = console_scripts()
+    assert {"milora-score", "milora-generate", "milora-analyze", "milora-compare-inits", "milora-build-llava",
+            "milora-prep-commonsense", "milora-prep-metamath", "milora-prep-easyvqa"} <= set(scripts)
+    for name, target in scripts.items():
+        module, func = resolve(target)
+        assert callable(func), f"{name} = {target!r} is not callable"
+        assert module.__name__.startswith("milora_vlm.cli."), f"{name}: tools live in milora_vlm/cli/"
+        # the console script's exit status: main() itself, or an entry() that calls main and returns 0
+        assert func is module.main or func is getattr(module, "entry", None), f"{name}: {target!r} is not main / entry"
+
+
+def test_each_tool_has_a_wrapper_that_runs_its_main():
+    wrapped = {}
+    for rel in SCRIPTS:
+        text = (REPO / rel).read_text(encoding="utf-8")
+        assert "sys.path.insert" not in text, f"{rel}: the installed package is imported, not a path hack"
+        if "from milora_vlm.cli." in text:
+            wrapped[rel] = load_file(rel)
+    tools = {target.partition(":")[0] for target in console_scripts().values()}
+    by_module = {m.main.__module__: rel for rel, m in wrapped.items()}
+    assert set(by_module) == tools, "every tool has exactly one python-file wrapper, and every wrapper a tool"
+    for rel, module in wrapped.items():
+        assert module.main is importlib.import_module(module.main.__module__).main, rel
+
+
+def run_help(rel: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    # from another directory: a wrapper must not depend on the working directory either
+    return subprocess.run([sys.executable, str(REPO / rel), "--help"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("rel", [s for s in SCRIPTS if s not in HEAVY])
+def test_help_exits_zero(rel, tmp_path):
+    proc = run_help(rel, tmp_path)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, f"{rel}: rc {proc.returncode}\n{proc.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_help_of_heavy_scripts_exits_zero(tmp_path):
+    """One interpreter runs each heavy script as `python <file> --help` would (its folder first on sys.path)."""
+    code = (
+        "import runpy, sys, os\n"
+        "bad = []\n"
+        "for path in sys.argv[1:]:\n"
+        "    sys.argv, saved = [path, '--help'], list(sys.path)\n"
+        "    sys.path.insert(0, os.path.dirname(path))\n"
+        "    try:\n"
+        "        runpy.run_path(path, run_name='__main__')\n"
+        "        bad.append(f'{path}: no exit')\n"
+        "    except SystemExit as e:\n"
+        "        if e.code not in (0, None):\n"
+        "            bad.append(f'{path}: exit {e.code}')\n"
+        "    finally:\n"
+        "        sys.path[:] = saved\n"
+        "print('BAD', bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    heavy = [str(REPO / rel) for rel in sorted(HEAVY)]
+    assert set(HEAVY) <= set(SCRIPTS)
+    proc = subprocess.run([sys.executable, "-c", code, *heavy], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("usage:") == len(heavy), proc.stdout[-3000:]
