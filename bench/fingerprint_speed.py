@@ -18,15 +18,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from milora_vlm.milora.cache import weight_fingerprint  # noqa: E402
-from milora_vlm.milora.decompose import decompose  # noqa: E402
+from milora_vlm.milora.cache import weight_fingerprint
+from milora_vlm.milora.decompose import decompose
 
 
 def median_seconds(fn, repeats: int) -> float:

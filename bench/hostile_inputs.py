@@ -15,18 +15,16 @@ import os
 import resource
 import shutil
 import struct
-import sys
 import tempfile
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords  # noqa: E402
-from milora_vlm.data.validation import CheckConfig, check_record  # noqa: E402
-from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer  # noqa: E402
+from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
+from milora_vlm.data.validation import CheckConfig, check_record
+from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
 CONV = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]
 
