@@ -166,7 +166,7 @@ def forgetting_batches(conversations: str, base_recipe, loaded, batch_size: int)
     from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.data.records import iter_records
-    from milora_vlm.data.templates import SkipSample
+    from milora_vlm.data.skips import SkipSample
 
     d = base_recipe.data
     image_token_id = getattr(loaded.model.config, "image_token_id", None) if loaded.is_llava else None

@@ -11,7 +11,7 @@ import re
 from typing import Iterable, Iterator
 
 # Image paths and decoding live in images.py; re-exported here for the callers that read records and images.
-from .images import BadImage, load_image, resolve_image_path  # noqa: F401
+from .images import load_image, resolve_image_path  # noqa: F401
 
 
 class RecordFileError(ValueError):

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from milora_vlm.data.images import image_token_count, process_images
 from milora_vlm.data.records import load_image, resolve_image_path
-from milora_vlm.data.templates import IMAGE_PLACEHOLDER, SkipSample, Template, encode_conversation
+from milora_vlm.data.skips import SkipSample
+from milora_vlm.data.templates import IMAGE_PLACEHOLDER, Template, encode_conversation
 
 from .inputs import EvalInputError, decode_utf8, first_key, load_records
 
