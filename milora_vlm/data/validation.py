@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from .records import record_line
 from .skips import REASONS, REPAIRS, SkipSample, check_reason
 from .templates import (
     ASSISTANT_ROLES,
@@ -363,7 +364,7 @@ def _check_chunk(chunk: list[tuple[int, dict | None, str | None]]) -> list[Check
             results.append(CheckedRecord(position, None, None, None, [issue], None))
             continue
         v = check_record(rec, position, config, tokenizer, cache)
-        line = None if v.dropped else json.dumps(v.record, ensure_ascii=False)
+        line = None if v.dropped else record_line(v.record)
         results.append(
             CheckedRecord(position, _id_of(rec), None if v.dropped else v.record["id"], line, v.issues, v.token_length)
         )
