@@ -23,6 +23,7 @@ import zlib
 from PIL import Image
 
 from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
+from milora_vlm.data.records import write_records
 from milora_vlm.data.validation import CheckConfig, check_record
 from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
@@ -127,9 +128,7 @@ def main() -> None:
         timing = f"{1000 * seconds:.0f} ms, +{grown:.0f} MB peak" if nbytes else ""
         print(f"| {kind} | {nbytes or ''} | {training} | {prep} | {timing} |")
     bad = os.path.join(root, "allbad.jsonl")
-    with open(bad, "w") as f:
-        for k in range(64):
-            f.write(json.dumps({"id": f"b{k}", "conversations": []}) + "\n")
+    write_records(bad, ({"id": f"b{k}", "conversations": []} for k in range(64)))
     try:
         ConversationDataset(bad, processor.tokenizer, "vicuna_v1", 512)[0]
         outcome = "trained?"

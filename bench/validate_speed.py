@@ -26,6 +26,8 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
+from milora_vlm.data.records import write_records
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _QUESTIONS = ["What is the color of the {o}?", "How many {o}s are there?", "Is there a {o} in the image?",
@@ -60,12 +62,8 @@ def generate(folder: str, n_records: int, n_images: int, size: int, fmt: str) ->
         colour = tuple(rng.randrange(256) for _ in range(3))
         Image.new("RGB", (size, size), colour).save(os.path.join(folder, "img", f"{k:06d}.jpg"), quality=90)
     path = os.path.join(folder, f"data.{fmt}")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("[\n" if fmt == "json" else "")
-        for i in tqdm(range(n_records), desc="records", unit="rec", mininterval=1.0):
-            sep = ",\n" if fmt == "json" and i else ""
-            f.write(sep + json.dumps(make_record(i, n_images, rng)) + ("\n" if fmt == "jsonl" else ""))
-        f.write("\n]\n" if fmt == "json" else "")
+    write_records(path, (make_record(i, n_images, rng)
+                         for i in tqdm(range(n_records), desc="records", unit="rec", mininterval=1.0)))
     return path
 
 

@@ -20,7 +20,7 @@ import sys
 from tqdm import tqdm
 
 from milora_vlm.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records, position_kind
+from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records, position_kind, record_line
 from milora_vlm.data.templates import template_names
 from milora_vlm.data.validation import (
     DROPPED,
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             rec = json.loads(line)
                             rec["id"] = new_id
-                            line = json.dumps(rec, ensure_ascii=False)
+                            line = record_line(rec)
                 report.add(issues, res.source_id, res.position)
                 if line is not None:
                     writer.write_line(line)

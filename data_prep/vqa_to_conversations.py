@@ -42,7 +42,8 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from milora_vlm.data.records import RecordFileError, RecordWriter
-from milora_vlm.data.templates import IMAGE_PLACEHOLDER, SkipSample
+from milora_vlm.data.skips import SkipSample
+from milora_vlm.data.templates import IMAGE_PLACEHOLDER
 from milora_vlm.data.validation import Report, finish, report_path_for, text_field
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."

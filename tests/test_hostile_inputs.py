@@ -26,8 +26,9 @@ from milora_vlm.config import ConfigError, load_recipe
 from milora_vlm.data import images as images_mod
 from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
 from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
-from milora_vlm.data.images import BadImage, expand_to_square, load_image, mean_color, process_images
+from milora_vlm.data.images import expand_to_square, load_image, mean_color, process_images
 from milora_vlm.data.records import iter_records
+from milora_vlm.data.skips import SkipSample
 from milora_vlm.model.tiny import tiny_image_processor
 from milora_vlm.train.guards import DiskFull, check_skip_fraction, naming_disk_full
 from milora_vlm.train.skips import SkipCounter
@@ -77,22 +78,22 @@ def test_bomb_images_are_bad_records_naming_the_limit(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header_only(20000, 20000))  # 57 bytes; PIL raises DecompressionBombError, not an OSError
     assert bomb.stat().st_size < 100
-    with pytest.raises(BadImage, match="exceeds limit.*max_image_pixels 40000000") as e:
+    with pytest.raises(SkipSample, match="exceeds limit.*max_image_pixels 40000000") as e:
         load_image(str(bomb))
     assert e.value.reason == "image_too_large"
     big = tmp_path / "big.png"
     big.write_bytes(png_header_only(8000, 6000))  # 48 MP: over the default limit, under PIL's
-    with pytest.raises(BadImage, match="8000x6000 = 48000000 pixels > max_image_pixels 40000000") as e:
+    with pytest.raises(SkipSample, match="8000x6000 = 48000000 pixels > max_image_pixels 40000000") as e:
         load_image(str(big))
     assert e.value.reason == "image_too_large"
-    with pytest.raises(BadImage) as e:  # the limit is configurable: past it, this header-only file fails to decode
+    with pytest.raises(SkipSample) as e:  # the limit is configurable: past it, this header-only file fails to decode
         load_image(str(big), max_pixels=50_000_000)
     assert e.value.reason == "corrupt_image"
     # without a limit of ours, PIL's warning (over Image.MAX_IMAGE_PIXELS, under its error) refuses the same way
     warn = tmp_path / "warn.png"
     side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)
     warn.write_bytes(png_header_only(side, side))
-    with pytest.raises(BadImage, match="decompression bomb") as e:
+    with pytest.raises(SkipSample, match="decompression bomb") as e:
         load_image(str(warn), max_pixels=None)
     assert e.value.reason == "image_too_large"
 

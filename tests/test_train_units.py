@@ -12,7 +12,8 @@ import yaml
 
 from milora_vlm.config import RECIPE_FILENAME, ConfigError, build_recipe
 from milora_vlm.data.collator import SKIPS_KEY, BatchSkips, ConversationCollator
-from milora_vlm.data.dataset import ConversationDataset, SkipRecord
+from milora_vlm.data.dataset import ConversationDataset
+from milora_vlm.data.skips import SkipRecord
 from milora_vlm.train.bootstrap import instruction_records, shapes_records
 from milora_vlm.train.callbacks import save_loss_curve
 from milora_vlm.train.checkpoint import check_resume_compatible, latest_complete_checkpoint, missing_parts, resolve_resume

@@ -157,16 +157,13 @@ def iter_full_deltas(
 
 
 def name_filter(targets: str | Sequence[str] | None, layers: Sequence[int] | None = None) -> Callable[[str], bool]:
-    """A module-name predicate: `targets` a regex (full match) or a list of name suffixes (PEFT's rule),
-    `layers` a list of layer indices; None accepts everything."""
+    """A module-name predicate: `targets` a regex (full match) or a list of name suffixes (PEFT's rule, through
+    milora.targets.matches_target), `layers` a list of layer indices; None accepts everything."""
+    from milora_vlm.milora.targets import matches_target  # peft is imported only when a filter is built
 
     def accept(name: str) -> bool:
-        if targets is not None:
-            if isinstance(targets, str):
-                if not re.fullmatch(targets, name):
-                    return False
-            elif not any(name == t or name.endswith("." + t) for t in targets):
-                return False
+        if targets is not None and not matches_target(targets, name):
+            return False
         if layers is not None:
             return module_location(name)[1] in set(layers)
         return True

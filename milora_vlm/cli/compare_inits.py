@@ -133,9 +133,9 @@ def train(recipe_path: str, launcher: str, num_gpus: int) -> None:
 
 def question_subset(path: str, limit: int | None, out_path: str, seed: int = 0) -> str:
     """A seeded subset of at most `limit` questions (kept in file order), written once, for every run alike."""
-    from milora_vlm.evaluation.inputs import load_records
+    from milora_vlm.evaluation.inputs import load_numbered_records
 
-    records = [rec for _, rec in load_records(path)]
+    records = [rec for _, rec in load_numbered_records(path)]
     if not records:
         raise SystemExit(f"{path}: no questions")
     write_records(out_path, seeded_subset(records, limit, seed))
@@ -145,10 +145,10 @@ def question_subset(path: str, limit: int | None, out_path: str, seed: int = 0) 
 def questions_as_conversations(questions_path: str, out_path: str) -> str:
     """Eval questions {question_id, image, text, answer} -> LLaVA conversations (the held-out old-task text that
     forgetting is measured on: prompt and gold answer, the answer tokens being the scored positions)."""
-    from milora_vlm.evaluation.inputs import load_records
+    from milora_vlm.evaluation.inputs import load_numbered_records
 
     with RecordWriter(out_path) as writer:
-        for line_no, rec in load_records(questions_path):
+        for line_no, rec in load_numbered_records(questions_path):
             if "answer" not in rec or "text" not in rec:
                 raise SystemExit(f"{questions_path}:{line_no}: forgetting needs fields 'text' and 'answer'")
             human = rec["text"] if rec.get("image") is None else f"<image>\n{rec['text']}"
@@ -166,7 +166,7 @@ def forgetting_batches(conversations: str, base_recipe, loaded, batch_size: int)
     from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.data.records import iter_records
-    from milora_vlm.data.templates import SkipSample
+    from milora_vlm.data.skips import SkipSample
 
     d = base_recipe.data
     image_token_id = getattr(loaded.model.config, "image_token_id", None) if loaded.is_llava else None

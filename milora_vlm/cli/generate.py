@@ -21,6 +21,7 @@ import sys
 
 from milora_vlm.data.images import ASPECT_RATIOS
 from milora_vlm.data.templates import get_template, template_names
+from milora_vlm.dist import barrier, is_initialized, launcher_rank_and_world
 from milora_vlm.evaluation.generation import (
     SINGLE_PRED_PROMPT,
     GenerationSettings,
@@ -56,18 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-id", help="model_id written with each answer (default: the model dir's name)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
-    # the deepspeed launcher passes --local_rank; the rank is read from the environment (_world)
+    # the deepspeed launcher passes --local_rank; the rank is read from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p
 
 
-def _world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank, world_size = _world()
+    rank, world_size = launcher_rank_and_world()
     if world_size > 1 and args.num_chunks != 1:
         print("error: use either --num-chunks/--chunk-idx or a distributed launcher, not both", file=sys.stderr)
         return 2
@@ -122,15 +119,15 @@ def _merge_ranks(answers_file: str, rank: int, world_size: int) -> None:
     """Wait for every rank, then rank 0 folds the per-rank files into the final answers file."""
     import torch.distributed as dist
 
-    own_group = not dist.is_initialized()
+    own_group = not is_initialized()
     if own_group:  # a barrier only: gloo works on CPU and GPU machines alike
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    dist.barrier()
+    barrier()
     if rank == 0:
         parts = [f"{answers_file}.part{r}of{world_size}" for r in range(world_size)]
         added = merge_answer_files([p for p in parts if os.path.exists(p)], answers_file)
         print(f"merged {added} answers from {world_size} ranks into {answers_file}", file=sys.stderr)
-    dist.barrier()
+    barrier()
     if own_group:
         dist.destroy_process_group()
 

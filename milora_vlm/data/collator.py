@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .dataset import SkipRecord
+from .skips import SkipRecord
 from .templates import IGNORE_INDEX
 
 # Batch key carrying the skipped records (and the ids of those used) to the trainer (popped before the model sees

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,10 +28,10 @@ from torch.utils.data import Dataset
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
 from .records import iter_records, position_kind
+from .skips import SkipRecord, SkipSample
 from .templates import (
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
-    SkipSample,
     drop_leading_assistant,
     encode_conversation,
     get_template,
@@ -46,20 +45,6 @@ ANSWER_TRUNCATED = "answer_truncated"  # a kept sample whose answer max_length c
 
 class NoTrainableRecords(RuntimeError):
     """Not one record of the training file can be trained on; the message gives counts by reason and examples."""
-
-
-@dataclass(frozen=True)
-class SkipRecord:
-    """One record that was not trained on, and why."""
-
-    reason: str  # stable key for counting (SkipSample.reason)
-    detail: str
-    where: str  # "file:line 12" / "file:index 3"
-    record_id: Optional[str] = None
-
-    def describe(self) -> str:
-        rid = f" (id {self.record_id})" if self.record_id is not None else ""
-        return f"{self.where}{rid}: {self.reason}: {self.detail}"
 
 
 def with_image_placeholder(conversations: list) -> list:

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 if TYPE_CHECKING:  # records.py (and so data_prep) imports this module: no torch import at start-up
     import torch
 
-from .templates import SkipSample
+from .skips import SkipSample
 
 ASPECT_RATIOS = ("pad", "resize", "native")
 # Default decode limit: 40 megapixels (an 8K photo is 33 MP; LLaVA's images are under 1 MP). One RGB image at
@@ -34,16 +34,11 @@ ASPECT_RATIOS = ("pad", "resize", "native")
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 
 
-class BadImage(SkipSample):
-    """An image that cannot be used; `reason` is one of missing_image, corrupt_image, image_too_large,
-    image_outside_folder. A SkipSample, so training and data_prep count it as a bad record."""
-
-
 def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confine: bool = False) -> str:
     """The file a record's `image` names: relative to `image_folder` when one is given.
 
     confine: the resolved path (symlinks followed) must lie inside `image_folder`, so a record cannot make
-    training read `../x.png`, an absolute path or a symlink out of the folder (BadImage "image_outside_folder").
+    training read `../x.png`, an absolute path or a symlink out of the folder (SkipSample "image_outside_folder").
     """
     if image_folder is None:
         return image
@@ -51,7 +46,7 @@ def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confi
     if confine:
         root, real = os.path.realpath(image_folder), os.path.realpath(path)
         if os.path.commonpath([root, real]) != root:
-            raise BadImage("image_outside_folder", f"field 'image' {image!r} resolves to {real}, outside the image "
+            raise SkipSample("image_outside_folder", f"field 'image' {image!r} resolves to {real}, outside the image "
                            f"folder {root} (allow it with data.allow_images_outside_folder / "
                            "--allow-images-outside-folder)")
     return path
@@ -60,11 +55,11 @@ def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confi
 def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image fully (truncated files fail here, not later in a worker) and return it as RGB.
 
-    Raises BadImage naming the path: missing_image, corrupt_image, or image_too_large (more than `max_pixels`
+    Raises SkipSample (so training and data_prep count it as a bad record) naming the path: missing_image, corrupt_image, or image_too_large (more than `max_pixels`
     pixels declared, checked before any pixel is decoded; None: PIL's limits only).
     """
     if not os.path.isfile(path):
-        raise BadImage("missing_image", f"image file not found: {path}")
+        raise SkipSample("missing_image", f"image file not found: {path}")
     try:
         with warnings.catch_warnings():
             # PIL warns above Image.MAX_IMAGE_PIXELS: with a limit of ours, ours decides; without, PIL's warning does.
@@ -72,18 +67,18 @@ def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> 
             with Image.open(path) as img:
                 width, height = img.size
                 if max_pixels is not None and width * height > max_pixels:
-                    raise BadImage("image_too_large", f"{path}: {width}x{height} = {width * height} pixels > "
+                    raise SkipSample("image_too_large", f"{path}: {width}x{height} = {width * height} pixels > "
                                    f"max_image_pixels {max_pixels} (raise data.max_image_pixels / --max-image-pixels "
                                    "if the image is genuine)")
                 img.load()
                 return img.convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage("image_too_large", f"{path}: {e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, applies above "
+        raise SkipSample("image_too_large", f"{path}: {e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, applies above "
                        f"max_image_pixels {max_pixels})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, BadImage):
+        if isinstance(e, SkipSample):
             raise
-        raise BadImage("corrupt_image", f"cannot decode {path}: {e}") from None
+        raise SkipSample("corrupt_image", f"cannot decode {path}: {e}") from None
 
 
 def expand_to_square(img: Image.Image, background_rgb: tuple[int, int, int]) -> Image.Image:

@@ -11,7 +11,7 @@ import re
 from typing import Iterable, Iterator
 
 # Image paths and decoding live in images.py; re-exported here for the callers that read records and images.
-from .images import BadImage, load_image, resolve_image_path  # noqa: F401
+from .images import load_image, resolve_image_path  # noqa: F401
 
 
 class RecordFileError(ValueError):
@@ -153,17 +153,6 @@ class _JsonArrayStream:
             raise self._error("malformed JSON (text after the closing ']')")
 
 
-def load_records(path: str | os.PathLike) -> tuple[list[dict], list[tuple[int, str]]]:
-    """All readable records and the (line, error) list of unreadable ones."""
-    good, bad = [], []
-    for line_no, rec, err in iter_records(path):
-        if err is None:
-            good.append(rec)
-        else:
-            bad.append((line_no, err))
-    return good, bad
-
-
 _HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -187,9 +176,15 @@ def iter_source(source: str, split: str = "train") -> Iterator[tuple[int, dict |
         yield idx, dict(row), None
 
 
-def write_records(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    """Write every record with a RecordWriter (atomic; .jsonl or a .json array by the name); returns how many."""
-    with RecordWriter(path) as writer:
+def record_line(record: dict) -> str:
+    """A record as the single line of JSON that RecordWriter writes (UTF-8 text kept as is, not \\u-escaped)."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def write_records(path: str | os.PathLike, records: Iterable[dict], lines: bool | None = None) -> int:
+    """Write every record with a RecordWriter (atomic; .jsonl or a .json array by the name, or JSONL whatever the
+    name with lines=True); returns how many."""
+    with RecordWriter(path, lines=lines) as writer:
         for record in records:
             writer.write(record)
     return writer.count
@@ -200,25 +195,35 @@ class RecordWriter:
 
     Records go to PATH.tmp, renamed to PATH when the `with` block ends without an exception (removed
     otherwise), so an interrupted run never leaves a half-written file that looks complete, and the output
-    may be the input file itself.
+    may be the input file itself. lines=True writes JSONL whatever the name (None: by the name).
+
+    append=True instead adds JSONL lines to the end of PATH itself (created if need be) and keeps what was
+    written even when the block fails: for outputs that a killed run resumes (eval/generate.py's answers);
+    `sync()` makes the lines so far durable.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, lines: bool | None = None, append: bool = False):
         self.path = os.fspath(path)
-        self.as_array = not self.path.endswith(".jsonl")
+        self.append = append
+        self.as_array = not (append or lines or (lines is None and self.path.endswith(".jsonl")))
         self.count = 0
-        self._tmp = self.path + ".tmp"
+        self._tmp = self.path if append else self.path + ".tmp"
         self._f = None
 
     def __enter__(self) -> "RecordWriter":
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._f = open(self._tmp, "w", encoding="utf-8")
+        self._f = open(self._tmp, "a" if self.append else "w", encoding="utf-8")
         if self.as_array:
             self._f.write("[")
         return self
 
+    def sync(self) -> None:
+        """Flush what was written to the disk (os.fsync), so a crash after this call cannot lose it."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
     def write(self, record: dict) -> None:
-        self.write_line(json.dumps(record, ensure_ascii=False))
+        self.write_line(record_line(record))
 
     def write_line(self, text: str) -> None:
         """Write one record already serialised as single-line JSON."""
@@ -230,7 +235,9 @@ class RecordWriter:
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if self.append:
+            self._f.close()
+        elif exc_type is None:
             if self.as_array:
                 self._f.write("\n]\n" if self.count else "]\n")
             self._f.close()

@@ -21,20 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from .skips import SkipSample
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 
 HUMAN_ROLES = {"human", "user"}
 ASSISTANT_ROLES = {"gpt", "assistant"}
-
-
-class SkipSample(ValueError):
-    """A sample that cannot be trained on; `reason` is a short stable key for counting, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

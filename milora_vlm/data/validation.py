@@ -1,42 +1,11 @@
 """Record-level checks for LLaVA conversation data, and the report that says what was kept, repaired and dropped.
 
-The policy (one place, used by data_prep/llava_instruct.py; the training dataset may call `check_record`):
-
-Dropped (reason key):
-  malformed_json / not_an_object  the line (JSONL) cannot be read as a JSON object
-  not_utf8                        the record's text holds a byte that is not UTF-8
-  bad_conversations               `conversations` missing, not a list, or empty
-  bad_turn                        a turn that is not an object
-  bad_role / bad_value            a turn's `from` missing, not a string or unknown (system only first) /
-                                  its `value` missing or not a string
-  empty_conversation              only a system turn
-  roles_not_alternating           the turns after an optional leading system turn are not human, gpt, human, ...
-  no_answer                       a single human turn and nothing else
-  empty_question / empty_answer   a human / assistant turn that is empty or whitespace
-  bad_image_field                 `image` not a non-empty string (multi-image lists are not supported)
-  image_token_in_answer           `<image>` inside an assistant turn
-  image_token_count               an image and more than one `<image>` (which one is it?)
-  image_token_without_image       `<image>` in a record without an image
-  too_long                        (with a tokenizer) more tokens than --max-length, counted as training counts
-  image_outside_folder            the image path resolves outside --image-folder (../, absolute, symlink out;
-                                  allowed with --allow-images-outside-folder)
-  missing_image / corrupt_image   the image file does not exist / does not decode fully
-  image_too_large                 the image declares more than --max-image-pixels pixels (not decoded)
-  duplicate_record                same id and same content as an earlier record
-Repaired (the record is kept, changed as said):
-  missing_id              no id, null or "": id becomes "auto-<line or index>"
-  id_not_string           an integer id becomes its decimal string; any other type becomes "auto-<position>"
-  leading_assistant_turn  an assistant turn before the first question is removed (LLaVA's preprocessing
-                          skips it too), when turns remain
-  trailing_human_turn     a last human turn without an answer is removed, when an exchange remains
-  null_image              "image": null is removed (a text-only record)
-  missing_image_token     an image but no `<image>`: "<image>\\n" is prepended to the first human turn (as LLaVA)
-  image_token_misplaced   the one `<image>` is not in the first human turn: moved to the front of it
-  duplicate_id            same id as an earlier record, different content: renamed "<id>_dup<k>" (smallest
-                          free k); data that use the image id as record id (LLaVA-Instruct does) have many
-A record is judged by the first drop reason it meets, in the order above (cheap checks first, image decoding
-last). Everything else in a record (unknown keys, turn fields) passes through untouched, and a record that
-needs no repair is written back with the same content (same keys in the same order, same values).
+The policy (one place, used by data_prep/llava_instruct.py; the training dataset may call `check_record`): a
+record is dropped for one of the reasons in milora_vlm.data.skips.REASONS (the table training's skip counters
+use too, each with its one-line meaning), or kept with the repairs in milora_vlm.data.skips.REPAIRS.
+A record is judged by the first drop reason it meets (cheap checks first, image decoding last). Everything else
+in a record (unknown keys, turn fields) passes through untouched, and a record that needs no repair is written
+back with the same content (same keys in the same order, same values).
 """
 
 from __future__ import annotations
@@ -51,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from .images import DEFAULT_MAX_IMAGE_PIXELS, load_image, resolve_image_path
+from .records import record_line
+from .skips import REASONS, REPAIRS, SkipSample, check_reason
 from .templates import (
     ASSISTANT_ROLES,
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
-    SkipSample,
     encode_conversation,
     get_template,
     render_pieces,
@@ -67,8 +37,11 @@ DROPPED, REPAIRED = "dropped", "repaired"
 @dataclass(frozen=True)
 class Issue:
     action: str  # DROPPED or REPAIRED
-    reason: str  # stable key, counted in the report
+    reason: str  # stable key, counted in the report: a key of skips.REASONS (dropped) or skips.REPAIRS (repaired)
     detail: str
+
+    def __post_init__(self):
+        check_reason(self.reason, REASONS if self.action == DROPPED else REPAIRS)
 
 
 @dataclass
@@ -107,18 +80,13 @@ class Verdict:
         return self.record is None
 
 
-class _Drop(Exception):
-    def __init__(self, reason: str, detail: str):
-        self.reason, self.detail = reason, detail
-
-
 def _role(turn: dict, i: int) -> str:
     role = turn.get("from")
     if not isinstance(role, str):
-        raise _Drop("bad_role", f"turn {i}: 'from' is {'missing' if role is None else type(role).__name__}")
+        raise SkipSample("bad_role", f"turn {i}: 'from' is {'missing' if role is None else type(role).__name__}")
     low = role.lower()
     if low not in HUMAN_ROLES | ASSISTANT_ROLES | {"system"}:
-        raise _Drop("bad_role", f"turn {i}: unknown role {role!r}")
+        raise SkipSample("bad_role", f"turn {i}: unknown role {role!r}")
     return "human" if low in HUMAN_ROLES else "gpt" if low in ASSISTANT_ROLES else "system"
 
 
@@ -170,20 +138,20 @@ def check_record(
         convs = rec.get("conversations")
         if not isinstance(convs, list) or not convs:
             what = "missing" if convs is None else "empty" if convs == [] else f"a {type(convs).__name__}, not a list"
-            raise _Drop("bad_conversations", f"'conversations' is {what}")
+            raise SkipSample("bad_conversations", f"'conversations' is {what}")
         roles = []
         for i, turn in enumerate(convs):
             if not isinstance(turn, dict):
-                raise _Drop("bad_turn", f"turn {i} is a {type(turn).__name__}, not an object")
+                raise SkipSample("bad_turn", f"turn {i} is a {type(turn).__name__}, not an object")
             roles.append(_role(turn, i))
             value = turn.get("value")
             if not isinstance(value, str):
-                raise _Drop("bad_value", f"turn {i}: 'value' is {'missing' if value is None else type(value).__name__}")
+                raise SkipSample("bad_value", f"turn {i}: 'value' is {'missing' if value is None else type(value).__name__}")
         start = 1 if roles[0] == "system" else 0
         if "system" in roles[start:]:
-            raise _Drop("bad_role", f"turn {roles.index('system', start)}: a system turn is only allowed first")
+            raise SkipSample("bad_role", f"turn {roles.index('system', start)}: a system turn is only allowed first")
         if start == len(roles):
-            raise _Drop("empty_conversation", "only a system turn")
+            raise SkipSample("empty_conversation", "only a system turn")
         if roles[start] == "gpt" and len(roles) - start > 1:
             repair("leading_assistant_turn", f"removed turn {start}, an assistant turn before any question")
             convs = convs[:start] + convs[start + 1 :]
@@ -193,17 +161,17 @@ def check_record(
             want = "human" if k % 2 == 0 else "gpt"
             if role != want:
                 got = convs[start + k]["from"]
-                raise _Drop("roles_not_alternating", f"turn {start + k} is {got!r}, expected {want}")
+                raise SkipSample("roles_not_alternating", f"turn {start + k} is {got!r}, expected {want}")
         if roles[-1] == "human":
             if len(roles) - start == 1:
-                raise _Drop("no_answer", "a single human turn without an answer")
+                raise SkipSample("no_answer", "a single human turn without an answer")
             repair("trailing_human_turn", f"removed the unanswered last turn {len(roles) - 1}")
             out["conversations"] = convs[:-1]
             roles = roles[:-1]
         turns = out["conversations"]
         for i in range(start, len(turns)):
             if not turns[i]["value"].strip():
-                raise _Drop("empty_question" if roles[i] == "human" else "empty_answer", f"turn {i} is empty")
+                raise SkipSample("empty_question" if roles[i] == "human" else "empty_answer", f"turn {i} is empty")
 
         # -- image field and <image> placeholders
         has_image = "image" in rec
@@ -212,16 +180,16 @@ def check_record(
             del out["image"]
             has_image = False
         if has_image and (not isinstance(rec["image"], str) or not rec["image"].strip()):
-            raise _Drop("bad_image_field", f"'image' is {rec['image']!r}, not a non-empty path string")
+            raise SkipSample("bad_image_field", f"'image' is {rec['image']!r}, not a non-empty path string")
         counts = [t["value"].count(IMAGE_PLACEHOLDER) for t in turns]
         for i, n in enumerate(counts):
             if n and roles[i] == "gpt":
-                raise _Drop("image_token_in_answer", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
+                raise SkipSample("image_token_in_answer", f"assistant turn {i} contains {IMAGE_PLACEHOLDER}")
         total = sum(counts)
         if not has_image and total:
-            raise _Drop("image_token_without_image", f"{total} {IMAGE_PLACEHOLDER} but no 'image'")
+            raise SkipSample("image_token_without_image", f"{total} {IMAGE_PLACEHOLDER} but no 'image'")
         if has_image and total > 1:
-            raise _Drop("image_token_count", f"{total} {IMAGE_PLACEHOLDER} placeholders for one image")
+            raise SkipSample("image_token_count", f"{total} {IMAGE_PLACEHOLDER} placeholders for one image")
         if has_image and counts[start] == 0:
             turns = own_turns()
             if total == 0:
@@ -231,34 +199,28 @@ def check_record(
                 repair("image_token_misplaced", f"moved {IMAGE_PLACEHOLDER} from turn {where} to turn {start}")
                 turns[where]["value"] = turns[where]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
                 if not turns[where]["value"] and roles[where] == "human":
-                    raise _Drop("empty_question", f"turn {where} is empty once {IMAGE_PLACEHOLDER} is moved out")
+                    raise SkipSample("empty_question", f"turn {where} is empty once {IMAGE_PLACEHOLDER} is moved out")
             turns[start]["value"] = f"{IMAGE_PLACEHOLDER}\n{turns[start]['value']}"
 
         # -- what training will do with it: the template must render it, and it must fit
-        try:
-            render_pieces(get_template(config.template), turns, eos_token="")
-        except SkipSample as e:
-            raise _Drop(e.reason, e.detail) from None
+        render_pieces(get_template(config.template), turns, eos_token="")
         length = None
         if tokenizer is not None:
             length = token_length(tokenizer, config, turns, has_image)
             if length > config.max_length:
-                raise _Drop("too_long", f"{length} tokens > max length {config.max_length}")
+                raise SkipSample("too_long", f"{length} tokens > max length {config.max_length}")
 
         # -- the image file itself (last: the only costly check)
         if has_image:
-            try:
-                path = resolve_image_path(rec["image"], config.image_folder, not config.allow_images_outside_folder)
-            except SkipSample as e:
-                raise _Drop(e.reason, e.detail) from None
+            path = resolve_image_path(rec["image"], config.image_folder, not config.allow_images_outside_folder)
             bad = image_cache.get(path, False) if image_cache is not None else False
             if bad is False:
                 bad = _check_image(path, config.image_check, config.max_image_pixels)
                 if image_cache is not None:
                     image_cache[path] = bad
             if bad is not None:
-                raise _Drop(*bad)
-    except _Drop as d:
+                raise SkipSample(*bad)
+    except SkipSample as d:
         return Verdict(None, issues + [Issue(DROPPED, d.reason, d.detail)])
     return Verdict(out, issues, length)
 
@@ -278,14 +240,11 @@ def token_length(tokenizer, config: CheckConfig, conversations: list[dict], has_
     # Only the length is needed, so any id stands in for the image token when the tokenizer lacks one.
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     image_id = image_id if isinstance(image_id, int) and image_id >= 0 else 0
-    try:
-        enc = encode_conversation(
-            tokenizer, config.template, conversations,
-            image_token_id=image_id if has_image else None,
-            num_image_tokens=config.image_tokens if has_image else 0,
-        )
-    except SkipSample as e:
-        raise _Drop(e.reason, e.detail) from None
+    enc = encode_conversation(
+        tokenizer, config.template, conversations,
+        image_token_id=image_id if has_image else None,
+        num_image_tokens=config.image_tokens if has_image else 0,
+    )
     return len(enc.input_ids)
 
 
@@ -405,7 +364,7 @@ def _check_chunk(chunk: list[tuple[int, dict | None, str | None]]) -> list[Check
             results.append(CheckedRecord(position, None, None, None, [issue], None))
             continue
         v = check_record(rec, position, config, tokenizer, cache)
-        line = None if v.dropped else json.dumps(v.record, ensure_ascii=False)
+        line = None if v.dropped else record_line(v.record)
         results.append(
             CheckedRecord(position, _id_of(rec), None if v.dropped else v.record["id"], line, v.issues, v.token_length)
         )

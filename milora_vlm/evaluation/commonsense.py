@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id, require
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id, require
 
 FAMILY_PATTERNS = {
     "true/false": r"true|false",
@@ -60,7 +60,7 @@ def extract_answer(family: str, text: str) -> str:
 
 def score_commonsense(predictions: str, questions: str, dataset: str | None = None, allow_unknown: bool = False) -> Result:
     gold: dict[str, tuple[str, str, str]] = {}  # id -> (dataset, family, label)
-    for index, (line_no, rec) in enumerate(load_records(questions)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
         qid = record_id(rec, line_no, index, questions, allow_index=True)
         if qid in gold:
             raise EvalInputError(f"{questions}:{line_no}: duplicate question_id {qid!r}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id, require
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id, require
 
 
 def normalize_exact(text: str) -> str:
@@ -19,7 +19,7 @@ def normalize_exact(text: str) -> str:
 
 def score_exact(predictions: str, questions: str, allow_unknown: bool = False) -> Result:
     gold: dict[str, tuple[str, str | None]] = {}
-    for index, (line_no, rec) in enumerate(load_records(questions)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
         qid = record_id(rec, line_no, index, questions)
         if qid in gold:
             raise EvalInputError(f"{questions}:{line_no}: duplicate question_id {qid!r}")

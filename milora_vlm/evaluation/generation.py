@@ -30,10 +30,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from milora_vlm.data.images import image_token_count, process_images
-from milora_vlm.data.records import load_image, resolve_image_path
-from milora_vlm.data.templates import IMAGE_PLACEHOLDER, SkipSample, Template, encode_conversation
+from milora_vlm.data.records import RecordWriter, load_image, resolve_image_path, write_records
+from milora_vlm.data.skips import SkipSample
+from milora_vlm.data.templates import IMAGE_PLACEHOLDER, Template, encode_conversation
 
-from .inputs import EvalInputError, decode_utf8, first_key, load_records
+from .inputs import EvalInputError, decode_utf8, first_key, load_numbered_records
 
 TEXT_KEYS = ("text", "instruction", "query", "question", "problem")
 
@@ -86,7 +87,7 @@ def read_questions(path: str, suffix: str = "") -> QuestionList:
     ask the same question twice) is answered once: it is dropped and listed in `.repeated`."""
     questions = QuestionList()
     seen: dict[str, Question] = {}
-    for index, (line_no, rec) in enumerate(load_records(path)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(path)):
         # LLaVA's conversation-style files name the question "id" (ScienceQA's problem id, which its scorer uses)
         qid = rec.get("question_id", rec.get("id", index) if "conversations" in rec else index)
         if not isinstance(qid, (str, int)) or isinstance(qid, bool):
@@ -320,20 +321,15 @@ def generate_answers(
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)
     generator = AnswerGenerator(loaded, settings)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "a", encoding="utf-8") as f, tqdm(total=len(todo), desc="generate", unit="q",
-                                                        disable=not show_progress) as bar:
+    with RecordWriter(output, append=True) as writer, tqdm(total=len(todo), desc="generate", unit="q",
+                                                           disable=not show_progress) as bar:
         for start in range(0, len(todo), settings.batch_size):
             batch, images = _load_batch_images(todo[start : start + settings.batch_size], settings, source, report)
             if batch:
                 answers = generator.generate(batch, images)
-                f.write("".join(
-                    json.dumps({"question_id": q.qid, "prompt": q.text, "text": a, "model_id": loaded.model_id},
-                               ensure_ascii=False) + "\n"
-                    for q, a in zip(batch, answers)
-                ))
-                f.flush()
-                os.fsync(f.fileno())
+                for q, a in zip(batch, answers):
+                    writer.write({"question_id": q.qid, "prompt": q.text, "text": a, "model_id": loaded.model_id})
+                writer.sync()
                 report.written += len(batch)
             bar.update(min(settings.batch_size, len(todo) - start))
     return report
@@ -349,11 +345,7 @@ def merge_answer_files(parts: Sequence[str], output: str) -> int:
             if key not in merged:
                 merged[key] = rec
                 added += 1
-    tmp = output + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in merged.values():
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
+    write_records(output, merged.values(), lines=True)
     for part in parts:
         if os.path.exists(part):
             os.remove(part)

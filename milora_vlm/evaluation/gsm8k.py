@@ -15,7 +15,7 @@ import re
 import unicodedata
 from fractions import Fraction
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id
 from .math_equivalence import check_protocol
 from .milora_grader import gsm8k_equal
 
@@ -68,7 +68,7 @@ def score_gsm8k(predictions: str, questions: str, allow_unknown: bool = False, p
     or this project's question JSONL with `answer`; records without `question_id` are numbered from 0."""
     check_protocol(protocol)
     gold: dict[str, float] = {}
-    for index, (line_no, rec) in enumerate(load_records(questions)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
         qid = record_id(rec, line_no, index, questions, allow_index=True)
         if qid in gold:
             raise EvalInputError(f"{questions}:{line_no}: duplicate question_id {qid!r}")

@@ -81,7 +81,10 @@ def iter_numbered(data: Any, path: str) -> Iterable[tuple[int, dict]]:
         yield line_no, rec
 
 
-def load_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def load_numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """Every record of a gold / question / prediction file as (line_or_index, record), strictly: any unreadable
+    record is an EvalInputError naming file and line (scoring must not guess). Training data are read leniently,
+    each bad record counted and skipped, by milora_vlm.data.records.iter_records."""
     path = os.fspath(path)
     return list(iter_numbered(load_json_any(path), path))
 
@@ -144,7 +147,7 @@ def load_predictions(
     texts: dict[str, str] = {}
     lines: dict[str, int] = {}
     kinds: set[str] = set()
-    for index, (line_no, rec) in enumerate(load_records(path)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(path)):
         qid = record_id(rec, line_no, index, path, keys=id_keys)
         if key_fn is not None:
             try:

@@ -19,7 +19,7 @@ import multiprocessing
 import re
 from collections import defaultdict
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id
 
 ANSWER_MARK = "The answer is: "
 
@@ -270,7 +270,7 @@ def score_math(predictions: str, questions: str, time_limit: float = 5.0, allow_
     check_protocol(protocol)
     gold: dict[str, tuple[str | None, str | None]] = {}
     no_boxed: list[str] = []
-    for index, (line_no, rec) in enumerate(load_records(questions)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
         qid = record_id(rec, line_no, index, questions, allow_index=True)
         if qid in gold:
             raise EvalInputError(f"{questions}:{line_no}: duplicate question_id {qid!r}")

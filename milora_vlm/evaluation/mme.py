@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id, require
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id, require
 
 PERCEPTION = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR"]
 COGNITION = ["commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
@@ -82,7 +82,7 @@ def load_mme_gold(questions: str, mme_root: str | None) -> dict[str, tuple[str, 
     """{question key: (subtask, image, "yes"/"no")}."""
     release = load_mme_release(mme_root) if mme_root is not None else None
     gold: dict[str, tuple[str, str, str]] = {}
-    for index, (line_no, rec) in enumerate(load_records(questions)):
+    for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
         qid = record_id(rec, line_no, index, questions)
         text = require(rec, "text", questions, line_no)
         key = question_key(qid, text)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from .inputs import EvalInputError, Result, align, coverage_warnings, load_predictions, load_records, pct, record_id, require
+from .inputs import EvalInputError, Result, align, coverage_warnings, load_numbered_records, load_predictions, pct, record_id, require
 
 
 def pope_answer(text: str) -> str:
@@ -38,7 +38,7 @@ def _first_line(text: str) -> str:
 
 def load_pope_gold(questions: str, annotation_dir: str | None) -> dict[str, tuple[str, str]]:
     """{question_id: (split, label)}."""
-    rows = load_records(questions)
+    rows = load_numbered_records(questions)
     gold: dict[str, tuple[str, str]] = {}
     labels_by_key: dict[tuple[str, str, str], str] = {}
     if annotation_dir is not None:
@@ -48,7 +48,7 @@ def load_pope_gold(questions: str, annotation_dir: str | None) -> dict[str, tupl
         for name in files:
             split = name[len("coco_pope_"):-len(".json")]
             path = os.path.join(annotation_dir, name)
-            for line_no, rec in load_records(path):
+            for line_no, rec in load_numbered_records(path):
                 key = (split, require(rec, "image", path, line_no), _first_line(require(rec, "text", path, line_no)))
                 if key in labels_by_key:
                     raise EvalInputError(f"{path}:{line_no}: the same image and question appear twice in split {split!r}")

@@ -30,8 +30,8 @@ from .inputs import (
     coverage_warnings,
     iter_numbered,
     load_json_any,
+    load_numbered_records,
     load_predictions,
-    load_records,
     pct,
     record_id,
     require,
@@ -178,7 +178,7 @@ def score_vizwiz(
         gold[image] = HumanAnswers(_human_answers(rec, annotations, line_no), require(rec, "answer_type", annotations, line_no))
     qid_to_image: dict[str, str] = {}
     if questions is not None:
-        for index, (line_no, rec) in enumerate(load_records(questions)):
+        for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
             qid_to_image[record_id(rec, line_no, index, questions)] = require(rec, "image", questions, line_no)
 
     def key(rec: dict, qid: str) -> str:
@@ -239,11 +239,11 @@ def score_textvqa(
         question = require(rec, "question", annotations, line_no)
         by_image_question[f"{image_id}\x1f{question.lower()}"].append(qid)
         asked[qid] = question
-    records = load_records(predictions)
+    records = load_numbered_records(predictions)
     ids = [record_id(r, n, i, predictions) for i, (n, r) in enumerate(records)]
     question_texts: dict[str, list[str]] = defaultdict(list)
     if questions is not None:
-        for index, (line_no, rec) in enumerate(load_records(questions)):
+        for index, (line_no, rec) in enumerate(load_numbered_records(questions)):
             question_texts[record_id(rec, line_no, index, questions)].append(require(rec, "text", questions, line_no))
     llava_keyed = bool(ids) and not all(q in gold for q in ids)
     warnings: list[str] = []

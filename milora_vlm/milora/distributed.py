@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -28,6 +27,8 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from milora_vlm import dist as ranks
 
 from . import cache as cache_mod
 from .cache import Factors
@@ -55,12 +56,6 @@ class InitReport:
     warnings: list[str] = field(default_factory=list)  # "target 'x': adapter starts nearly dead: ..." (also logged)
 
 
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def plan_waves(costs: list[int], world_size: int, per_rank: int = WAVE_PER_RANK) -> list[list[tuple[int, int]]]:
     """Waves of (target index, owner rank): targets sorted by cost (largest first, ties by index), cut into
     waves of world_size * per_rank, each split over the ranks greedily (largest first, onto the least-loaded rank
@@ -80,28 +75,12 @@ def plan_waves(costs: list[int], world_size: int, per_rank: int = WAVE_PER_RANK)
     return waves
 
 
-def local_cuda_device() -> torch.device:
-    """This process's GPU. apply_milora may run before the Trainer calls torch.cuda.set_device, when every rank's
-    current device is still cuda:0, so the launcher's LOCAL_RANK decides."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None:
-        return torch.device("cuda", int(local_rank) % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 def resolve_device(spec: str, weight: torch.Tensor) -> torch.device:
     if spec != "auto":
         return torch.device(spec)
     if torch.cuda.is_available():
-        return local_cuda_device()
+        return ranks.local_cuda_device()
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
-
-
-def _comm_device() -> torch.device:
-    """NCCL moves CUDA tensors only; gloo (CPU runs, tests) moves CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return local_cuda_device()
-    return torch.device("cpu")
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -137,7 +116,7 @@ class RankErrors:
         return f"{type(self.error).__name__}: {self.where}: {self.error}"
 
     def check(self) -> None:
-        _, world_size = world()
+        world_size = ranks.world_size()
         message = None
         if world_size > 1:
             message = self._first_failure()
@@ -153,8 +132,8 @@ class RankErrors:
             text = self.describe().encode("utf-8")[:_MESSAGE_BYTES]
             buf[0] = 1
             buf[1 : 1 + len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        device = _comm_device()
-        parts = [torch.empty_like(buf, device=device) for _ in range(dist.get_world_size())]
+        device = ranks.comm_device()
+        parts = [torch.empty_like(buf, device=device) for _ in range(ranks.world_size())]
         dist.all_gather(parts, buf.to(device))
         for rank, part in enumerate(parts):
             part = part.cpu()
@@ -182,7 +161,7 @@ def _with_context(exc: BaseException, where: str) -> BaseException:
 def compute_initial_factors(targets: list[Target], config) -> tuple[Factors, InitReport]:
     """{name: (A0, B0)} for every target, identical on every rank, with `config` a MiLoRAConfig (init != 'lora')."""
     t0 = time.perf_counter()
-    rank, world_size = world()
+    rank, world_size = ranks.rank(), ranks.world_size()
     report = InitReport(total=len(targets), world_size=world_size)
     errors = RankErrors()
     use_cache = config.cache_dir is not None
@@ -203,7 +182,7 @@ def compute_initial_factors(targets: list[Target], config) -> tuple[Factors, Ini
         with errors.capture("cache"):
             cached, problem = cache_mod.load_cached(config.cache_dir, key, {t.name: t.shape for t in targets}, config.r)
         errors.check()
-        if _all_ranks(cached is not None):  # no shared filesystem is assumed: all use it or all recompute
+        if ranks.all_ranks(cached is not None):  # no shared filesystem is assumed: all use it or all recompute
             factors, sigma_max = cached
             report.cache = "hit"
             logger.info("MiLoRA init: cache hit %s, %d matrices, no decomposition", cache_mod.cache_path(config.cache_dir, key), len(targets))
@@ -234,7 +213,7 @@ def compute_initial_factors(targets: list[Target], config) -> tuple[Factors, Ini
 def _decompose_in_waves(
     targets: list[Target], config, report: InitReport, errors: RankErrors
 ) -> tuple[Factors, dict[str, float]]:
-    rank, world_size = world()
+    rank, world_size = ranks.rank(), ranks.world_size()
     partitioned = any(is_partitioned(t.weight) for t in targets)
     factors: Factors = {}
     sigma_max: dict[str, float] = {}
@@ -278,9 +257,9 @@ def _decompose_in_waves(
 
 def _share(t: Target, owner: int, mine, r: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The owner broadcasts one flat fp32 tensor [B0, A0, sigma_max]; every rank returns the same bits."""
-    device = _comm_device()
+    device = ranks.comm_device()
     m, n = t.shape
-    if owner == dist.get_rank():
+    if owner == ranks.rank():
         A0, B0, smax = mine
         flat = torch.cat([B0.reshape(-1).float(), A0.reshape(-1).float(), torch.tensor([smax], device=A0.device)]).to(device)
     else:
@@ -289,18 +268,9 @@ def _share(t: Target, owner: int, mine, r: int) -> tuple[torch.Tensor, torch.Ten
     return flat[m * r : m * r + r * n].view(r, n), flat[: m * r].view(m, r), float(flat[-1])
 
 
-def _all_ranks(flag: bool) -> bool:
-    _, world_size = world()
-    if world_size == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def _health(targets: list[Target], factors: Factors, sigma_max: dict[str, float], config, report: InitReport) -> None:
     """Per-matrix starting figures into the report; a warning per matrix whose adapter starts nearly dead."""
-    rank, _ = world()
+    rank = ranks.rank()
     for t in targets:
         A0, _ = factors[t.name]
         route = resolve_method(config.method, t.shape, resolve_device(config.decompose_device, t.weight))

@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -26,9 +25,11 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from milora_vlm import dist as ranks
+
 from .apply import ADAPTER, subtract_residual
 from .config import MiLoRAConfig
-from .distributed import Factors, world
+from .distributed import Factors
 from .offset import frozen_factors, has_offset, install_offset
 from .targets import find_targets, is_partitioned
 
@@ -80,7 +81,7 @@ def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict
     unless a gathered `state_dict` is given, and rank 0 writes.
     """
     _config_of(peft_model)
-    rank, world_size = world()
+    rank = ranks.rank()
     adapter_params = [p for n, p in peft_model.named_parameters() if "lora_" in n or "modules_to_save" in n]
     if state_dict is None and any(is_partitioned(p) for p in adapter_params):
         import deepspeed
@@ -91,8 +92,7 @@ def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict
         peft_model.save_pretrained(str(output_dir), state_dict=state_dict, is_main_process=rank == 0)
     if rank == 0:
         write_init_files(peft_model, output_dir)
-    if world_size > 1:
-        dist.barrier()
+    ranks.barrier()
 
 
 def read_milora_meta(adapter_dir: str | os.PathLike) -> dict:

@@ -6,16 +6,28 @@ import contextlib
 import logging
 import re
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Iterator, Optional
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 logger = logging.getLogger(__name__)
 
 VISION_TOWER = "vision_tower"  # LLaVA's (llava-hf) name for the CLIP encoder
+
+
+def matches_target(target_modules: str | list[str] | tuple[str, ...], name: str) -> bool:
+    """Whether PEFT would wrap the module `name` for `target_modules`, by PEFT's own rule
+    (`check_target_module_exists`): a regex string must match the whole path; a list entry matches the path or
+    its last dotted components. The project's one target matcher (recipe checks, vision-tower exclusion,
+    analysis filters)."""
+    config = SimpleNamespace(target_modules=target_modules, exclude_modules=None, modules_to_save=None,
+                             target_parameters=None, layers_to_transform=None, layers_pattern=None)
+    return bool(check_target_module_exists(config, name))
 
 
 @dataclass
@@ -97,7 +109,7 @@ def vision_tower_exclusion(model: nn.Module, target_modules) -> Optional[str]:
         return None
     hit = [
         name for name, _ in model.named_modules()
-        if VISION_TOWER in name.split(".") and any(name == t or name.endswith(f".{t}") for t in target_modules)
+        if VISION_TOWER in name.split(".") and matches_target(target_modules, name)
     ]  # fmt: skip
     if not hit:
         return None

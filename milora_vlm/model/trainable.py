@@ -16,11 +16,11 @@ import re
 from torch import nn
 
 from milora_vlm.config import ConfigError, Recipe
+from milora_vlm.milora.targets import VISION_TOWER, matches_target
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR = "multi_modal_projector"
-VISION_TOWER = "vision_tower"
 LANGUAGE_MODEL = "language_model"
 
 
@@ -31,13 +31,6 @@ def language_model_regex(names: list[str], include_projector: bool) -> str:
     if include_projector:
         pattern += rf"|(?:.*\.)?{PROJECTOR}\.linear_[12]"
     return pattern
-
-
-def _matches(target_modules, name: str) -> bool:
-    """PEFT's rule: a regex string must match the whole path; names match the path or its last components."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return name in target_modules or any(name.endswith(f".{t}") for t in target_modules)
 
 
 def adapter_target_modules(recipe: Recipe):
@@ -61,7 +54,7 @@ def check_adapter_targets(model: nn.Module, recipe: Recipe, target_modules) -> l
     r = recipe.adapter.r
     found, bad_rank, smallest = [], [], None
     for name, module in model.named_modules():
-        if not name or not _matches(target_modules, name):
+        if not name or not matches_target(target_modules, name):
             continue
         if VISION_TOWER in name.split("."):
             raise ConfigError(

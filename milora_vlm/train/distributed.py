@@ -9,6 +9,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# rank / world size / barrier have one home (milora_vlm.dist); imported here too for this module's callers
+from milora_vlm.dist import barrier, is_initialized, rank, world_size  # noqa: F401
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -20,7 +23,7 @@ def init_distributed(use_deepspeed: bool) -> None:
     """Initialise torch.distributed before TrainingArguments exist (DeepSpeed's engine and ZeRO-3's partitioned
     loading both need it): under the deepspeed / torchrun launchers (WORLD_SIZE set), or for a single process
     with a DeepSpeed config (a one-process group is made up). NCCL on GPUs, gloo on CPU."""
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         return
     launched = "WORLD_SIZE" in os.environ
     if not launched and not use_deepspeed:
@@ -49,21 +52,8 @@ def release_deepspeed_shm() -> None:
     killed ones included."""
     if torch.cuda.is_available():
         return
-    if world_size() > 1:  # a single process makes its 66 MB buffer too
-        dist.barrier()  # deepspeed.init_distributed returns once this rank has mapped its peers; wait for all
+    barrier()  # deepspeed.init_distributed returns once this rank has mapped its peers; wait for all
     env = os.environ
     name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank()}"
     Path("/dev/shm", name).unlink(missing_ok=True)
 
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()

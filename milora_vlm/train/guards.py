@@ -32,8 +32,9 @@ import shutil
 from collections import Counter
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
+
+from milora_vlm import dist as ranks
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +45,6 @@ POISON_ENV = "MILORA_POISON_LOSS_STEPS"
 
 class TrainingStopped(RuntimeError):
     """A guard stopped the run; the message says why and what was saved."""
-
-
-def _all_ranks_any(flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on any rank (all ranks must skip the same steps, or collectives hang)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-    return flag
 
 
 def check_skip_fraction(samples: int, reasons: Counter, examples: dict[str, list[str]], file_records: int,
@@ -101,16 +93,16 @@ class NonFiniteGuard(TrainerCallback):
         self.last_step_skipped = False
 
     def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        return loss * float("nan") if step in self._poison and _rank() == 0 else loss
+        return loss * float("nan") if step in self._poison and ranks.rank() == 0 else loss
 
     def note_batch(self, records) -> None:
         self._records_this_step.extend(records)
 
     def loss_is_finite(self, loss: torch.Tensor, step: int) -> bool:
         here = not bool(torch.isfinite(loss.detach()).all())
-        bad = _all_ranks_any(here, loss.device)
+        bad = ranks.any_rank(here, loss.device)  # all ranks must skip the same steps, or collectives hang
         if here:  # only the ranks whose loss went bad say so; the others skip because they agreed to
-            self._bad_this_step.append(f"step {step}: loss {loss.detach().float().mean().item()} (rank {_rank()})")
+            self._bad_this_step.append(f"step {step}: loss {loss.detach().float().mean().item()} (rank {ranks.rank()})")
         self._nonfinite_step |= bad
         return not bad
 
@@ -131,10 +123,7 @@ class NonFiniteGuard(TrainerCallback):
         collective: every rank calls it at the same log."""
         total, trained, skipped = self._interval
         self._interval = [0.0, 0, 0]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([total], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            total = t.item() / dist.get_world_size()
+        total = ranks.mean_over_ranks(total, device)
         return (total / trained if trained else None), skipped
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -148,7 +137,7 @@ class NonFiniteGuard(TrainerCallback):
             self.run, self.run_steps = [], []
             return control
         self._interval[2] += 1
-        gathered = _gather((reasons, records))
+        gathered = ranks.gather_object((reasons, records))
         reasons = list(dict.fromkeys(r for rank_reasons, _ in gathered for r in rank_reasons))
         batches = ", ".join(f"rank {i} [{', '.join(ids)}]" for i, (_, ids) in enumerate(gathered))
         self.skipped_total += 1
@@ -202,15 +191,3 @@ def naming_disk_full(path: str):
                        f"({type(e).__name__}: {e}); free space there or set --output_dir elsewhere, then resume "
                        "with --resume_from_checkpoint auto", path) from e
 
-
-def _gather(obj) -> list:
-    """obj from every rank, in rank order (a collective: every rank must call it at the same point)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -15,10 +15,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import torch.distributed as dist
-
+from milora_vlm import dist as ranks
 from milora_vlm.data.collator import BatchSkips
-from milora_vlm.data.dataset import SkipRecord
+from milora_vlm.data.skips import SkipRecord
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +66,8 @@ class SkipCounter:
         # (the skip guard takes the same decision everywhere)
         samples, reasons, examples = self.samples + self._load_n, self.reasons + self._load, dict(self.examples)
         notes = Counter(self.notes)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (samples, dict(reasons), examples, dict(notes)))
+        if ranks.world_size() > 1:
+            gathered = ranks.gather_object((samples, dict(reasons), examples, dict(notes)))
             samples, reasons, examples, notes = 0, Counter(), {}, Counter()
             for s, r, e, n in gathered:
                 samples += s
