@@ -45,12 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher() -> list[str]:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def command(args: list[str], procs: int) -> list[str]:
     if procs == 1:
         return [sys.executable, SCRIPT, "--deepspeed", "null", *args]
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return cmd + ["--num_gpus", str(procs), "--master_port", str(free_port()), SCRIPT, *args]
+    return deepspeed_launcher() + ["--num_gpus", str(procs), "--master_port", str(free_port()), SCRIPT, *args]
 
 
 def environment(**extra: str) -> dict:

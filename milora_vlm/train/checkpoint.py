@@ -112,6 +112,18 @@ def _rank_parts(path: str, names: set[str], run: dict, rank: int) -> list[str]:
     return missing
 
 
+def write_deepspeed_latest(path: str) -> None:
+    """On a node-local disk, write DeepSpeed's `latest` (the name of the tag folder) where it is missing.
+
+    Hand-written because DeepSpeed 0.19 writes `latest` on global rank 0 only, even with
+    checkpoint.use_node_local_storage, so the other nodes' copies could not be loaded by tag."""
+    latest = os.path.join(path, "latest")
+    tags = [d for d in os.listdir(path) if d.startswith("global_step") and os.path.isdir(os.path.join(path, d))]
+    if not os.path.exists(latest) and len(tags) == 1:
+        with open(latest, "w", encoding="utf-8") as f:
+            f.write(tags[0])
+
+
 def write_manifest(path: str, run: dict, ranks: list[int]) -> dict:
     """The last step of a save, by the one process that publishes this disk's copy: check that the folder holds
     the shared parts and every part of `ranks` (the ranks whose files land on this disk), then record each file's

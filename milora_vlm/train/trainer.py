@@ -31,7 +31,8 @@ from milora_vlm.config import Recipe
 from milora_vlm.data.collator import SKIPS_KEY
 
 from . import distributed
-from .checkpoint import clear_staging, publish, staging_dir, trusted_deepspeed_loads, write_manifest
+from .checkpoint import (clear_staging, publish, staging_dir, trusted_deepspeed_loads, write_deepspeed_latest,
+                         write_manifest)
 from .guards import NonFiniteGuard, check_skip_fraction
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
@@ -219,6 +220,8 @@ class MiLoRATrainer(Trainer):
         error = None
         if publisher:
             try:
+                if self.storage.node_local and self.is_deepspeed_enabled:
+                    write_deepspeed_latest(staged)
                 write_manifest(staged, self.run_signature, list(self.storage.ranks))  # the save's last write
                 publish(staged, target)
                 rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
