@@ -41,7 +41,7 @@ def node_command(args: list[str], hostfile: Path, node: int, port: int, disk: Pa
         return cmd
     # this node sees its own directory at output_dir, as a node-local disk mounted at the same path would be
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-            'mount --bind "$0" "$1" && shift 2 && exec "$@"', str(disk), str(out), *cmd]
+            'mount --bind "$0" "$1" && shift && exec "$@"', str(disk), str(out), *cmd]
 
 
 def start_nodes(work: Path, args: list[str], out: Path, disks: list[Path] | None, tag: str) -> list[tuple[subprocess.Popen, Path]]:
@@ -104,22 +104,19 @@ def same_run(reference: Path, out: Path, steps: int) -> None:
     assert losses(out) == losses(reference) and sorted(losses(out)) == list(range(1, steps + 1))
 
 
-def init_split(logs: list[str]) -> list[int]:
-    """How many matrices each node's rank decomposed (MiLoRA's init log line)."""
-    found = []
-    for text in logs:
-        m = re.search(r"MiLoRA init: (\d+) matrices decomposed \((\d+) on this rank of 2\)", text)
-        assert m, text[-3000:]
-        found.append((int(m.group(1)), int(m.group(2))))
-    return found
+def assert_init_split(node0_log: str) -> None:
+    """MiLoRA's init ran across both nodes: node 0's rank (the one that logs) decomposed some matrices, not all; the
+    plan gives every matrix to exactly one rank of the world (test_milora_distributed), so node 1 did the rest."""
+    m = re.search(r"MiLoRA init: (\d+) matrices decomposed \((\d+) on this rank of 2\)", node0_log)
+    assert m, node0_log[-3000:]
+    assert 0 < int(m.group(2)) < int(m.group(1))
 
 
 def test_two_nodes_zero3_on_a_shared_disk_train_like_one_node(work):
     run_one_node(recipe_args(work, ZERO3, work / "z3_one", 4))
     logs = run_nodes(work, recipe_args(work, ZERO3, work / "z3_two", 4), work / "z3_two", None, "z3_two")
     same_run(work / "z3_one", work / "z3_two", 4)
-    (total, a), (_, b) = init_split(logs)
-    assert a + b == total and a > 0 and b > 0  # each matrix decomposed once, on one of the two nodes
+    assert_init_split(logs[0])
     for step in (2, 4):  # one copy, published by global rank 0, with every rank's parts
         assert missing_parts(str(work / "z3_two" / f"checkpoint-{step}")) == []
     assert not list((work / "z3_two").glob(".storage-probe-*"))
@@ -148,8 +145,7 @@ def test_two_nodes_on_node_local_disks_killed_and_resumed_end_like_one_node(work
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     first = [log.read_text() for _, log in procs]
-    (total, a), (_, b) = init_split(first)
-    assert a + b == total and a > 0 and b > 0
+    assert_init_split(first[0])
     # each node's disk holds only its own node's rank parts
     assert (disks[1] / "checkpoint-4" / "rng_state_1.pth").exists() and not (disks[1] / "checkpoint-4" / "rng_state_0.pth").exists()
     assert (disks[0] / "checkpoint-2" / "rng_state_0.pth").exists() and not (disks[0] / "checkpoint-2" / "rng_state_1.pth").exists()
