@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,35 @@ def test_two_nodes_on_node_local_disks_killed_and_resumed_end_like_one_node(work
             assert missing_parts(str(d / f"checkpoint-{step}")) == [] and (d / f"checkpoint-{step}" / MANIFEST).exists()
         assert not (d / STAGING_DIR).exists() or not any((d / STAGING_DIR).iterdir())
     assert not any(out.iterdir())  # nothing was written to the path outside the nodes' mounts
+
+
+@pytest.mark.skipif(not can_unshare(), reason="needs `unshare --mount` (root) to give each node its own disk")
+def test_eval_generate_on_node_local_disks_merges_every_nodes_answers(tiny_causal_lm_dir, tmp_path):
+    """eval/generate.py under torchrun --nnodes 2: each node writes its chunk on its own disk; rank 0's disk ends
+    with every answer merged, and no node keeps a part file."""
+    import json
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"instruction": f"Say {k}."}) + "\n" for k in range(5)))
+    out = tmp_path / "answers"
+    disks = [tmp_path / f"disk{n}" for n in range(NODES)]
+    for d in (out, *disks):
+        d.mkdir()
+    port = free_port()
+    procs = []
+    for n in range(NODES):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", "1",
+               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(REPO / "eval" / "generate.py"), "--model", str(tiny_causal_lm_dir), "--question-file", str(questions),
+               "--answers-file", str(out / "answers.jsonl"), "--template", "alpaca", "--max-new-tokens", "4",
+               "--no-progress"]
+        procs.append(subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+             str(disks[n]), str(out), *cmd], cwd=REPO, env=environment(), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    answers = [json.loads(line) for line in (disks[0] / "answers.jsonl").read_text().splitlines()]
+    assert sorted(a["question_id"] for a in answers) == [0, 1, 2, 3, 4]
+    assert os.listdir(disks[0]) == ["answers.jsonl"] and os.listdir(disks[1]) == []
+    assert "merged 5 answers from 2 ranks" in logs[0]
