@@ -5,8 +5,9 @@
 - ZeRO-2 on node-local disks (each node's launcher runs in its own mount namespace, where output_dir is a bind
   mount of that node's own directory): every node saves its own copy of each checkpoint (save_on_each_node),
   node 1 is SIGKILLed mid-run (then node 0, which would wait on it), both restart with `auto` and end with the
-  one-node adapter. MiLoRA's initialisation is split over both nodes, and each node's copy of the factors is
-  bit-identical.
+  one-node adapter. MiLoRA's initialisation is split over both nodes, each node's copy of the factors is
+  bit-identical, and each node keeps its own factors cache (the resumed run hits it).
+- eval/generate.py under torchrun --nnodes 2 on node-local disks: rank 0 merges every node's answers.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def test_two_nodes_on_node_local_disks_killed_and_resumed_end_like_one_node(work
     disks = [work / f"z2_two.disk{n}" for n in range(NODES)]
     for d in disks:
         d.mkdir()
-    args = recipe_args(work, ZERO2, out, steps, "--save_on_each_node", "true")
+    args = recipe_args(work, ZERO2, out, steps, "--save_on_each_node", "true", "--adapter.cache_dir", str(out / "cache"))
     procs = start_nodes(work, args, out, disks, "z2_two")
     try:  # node 1 dies once its copy of checkpoint-4 is in place; node 0, left waiting on it, is stopped after
         deadline = time.time() + 600
@@ -153,6 +154,7 @@ def test_two_nodes_on_node_local_disks_killed_and_resumed_end_like_one_node(work
     assert not (disks[0] / "adapter_model.safetensors").exists()  # the run did not finish
 
     logs = run_nodes(work, [*args, "--resume_from_checkpoint", "auto"], out, disks, "z2_two_resumed")
+    assert "MiLoRA init: cache hit" in logs[0]  # every node kept its own copy of the factors cache
     resumed = {re.search(r"continuing from (\S+)", text).group(1) for text in logs if "continuing from" in text}
     assert len(resumed) == 1 and resumed.pop() in (str(out / "checkpoint-2"), str(out / "checkpoint-4")), logs[0][-3000:]
     same_run(work / "z2_one", disks[0], steps)  # adapter and loss curve (trainer_state.json: global rank 0's disk)
@@ -163,6 +165,7 @@ def test_two_nodes_on_node_local_disks_killed_and_resumed_end_like_one_node(work
         for step in (2, 4, 6):
             assert missing_parts(str(d / f"checkpoint-{step}")) == [] and (d / f"checkpoint-{step}" / MANIFEST).exists()
         assert not (d / STAGING_DIR).exists() or not any((d / STAGING_DIR).iterdir())
+        assert len(list((d / "cache").glob("milora-*.safetensors"))) == 1
     assert not any(out.iterdir())  # nothing was written to the path outside the nodes' mounts
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -78,7 +79,7 @@ def save_cached(cache_dir, key: str, settings: dict, factors: dict[str, tuple[to
     for name, (A0, B0) in factors.items():
         tensors[f"{name}.A0"] = A0.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{name}.B0"] = B0.detach().to("cpu", torch.float32).contiguous()
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{uuid.uuid4().hex}")  # unique across the nodes sharing a disk, not only per host
     save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(settings, sort_keys=True)})
     os.replace(tmp, path)
     return path

@@ -153,7 +153,9 @@ def compute_initial_factors(targets: list[Target], config) -> tuple[Factors, Ini
     report.seconds = time.perf_counter() - t0
 
     if use_cache:
-        if rank == 0:
+        # one writer per node (its local rank 0): on node-local disks every node needs its own copy for the next
+        # run to hit (_agreed_cache_load); on a shared disk the nodes' atomic writes of the same bytes are harmless
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
             path = cache_mod.save_cached(config.cache_dir, key, settings, factors)
             logger.info("MiLoRA init: factors cached at %s", path)
         if world_size > 1:
