@@ -369,6 +369,22 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(nan_run
     assert last["nonfinite_steps_skipped"] == 3
 
 
+def test_resume_skips_a_tampered_checkpoint_and_refuses_another_deepspeed_setup(nan_run, work):
+    """The NaN run saved without DeepSpeed. A copy whose newest optimizer.pt was replaced is skipped by `auto`,
+    naming the file; the older one is then refused at start, naming the `deepspeed` key, before any model loads."""
+    _, out = nan_run
+    again = work / "tampered"
+    for step in (4, 5):
+        shutil.copytree(out / f"checkpoint-{step}", again / f"checkpoint-{step}")
+    torch.save({"state": {}, "param_groups": []}, again / "checkpoint-5" / "optimizer.pt")
+    proc = subprocess.run([sys.executable, SCRIPT, *single(work, "tampered", "--resume_from_checkpoint", "auto")],
+                          cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"skipping {again / 'checkpoint-5'}: optimizer.pt" in proc.stderr
+    assert f"cannot resume from {again / 'checkpoint-4'}: it was saved without DeepSpeed" in proc.stderr
+    assert "Resume with `deepspeed: null` (--deepspeed null)" in proc.stderr
+
+
 def test_bad_records_under_the_limit_are_counted_and_named(nan_run, work):
     proc, out = nan_run
     last = [h for h in log_history(out / "checkpoint-5") if "skipped/total" in h][-1]
