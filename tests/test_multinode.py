@@ -199,3 +199,45 @@ def test_eval_generate_on_node_local_disks_merges_every_nodes_answers(tiny_causa
     assert sorted(a["question_id"] for a in answers) == [0, 1, 2, 3, 4]
     assert os.listdir(disks[0]) == ["answers.jsonl"] and os.listdir(disks[1]) == []
     assert "merged 5 answers from 2 ranks" in logs[0]
+
+
+def _layout_worker(rank: int, port: int, root: str, cases: list[tuple[bool, bool]]) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from milora_vlm.train.distributed import storage_layout
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2")  # two nodes of one process each
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    outcomes = []
+    for i, (node_local, save_on_each_node) in enumerate(cases):
+        output_dir = os.path.join(root, str(i), f"disk{rank}" if node_local else "shared")
+        try:
+            layout = storage_layout(output_dir, save_on_each_node, settle_s=0.2)
+            outcomes.append({"ranks": list(layout.ranks), "node_local": layout.node_local, "publisher": layout.publisher})
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            outcomes.append({"error": f"{type(e).__name__}: {e}"})
+    Path(root, f"{rank}.json").write_text(json.dumps(outcomes))
+    dist.destroy_process_group()
+
+
+def test_storage_layout_finds_node_local_disks_and_checks_save_on_each_node(tmp_path):
+    """Each rank of a 2-"node" gloo group is given output_dir: the same folder (a shared disk) or a folder of its
+    own (node-local disks at one path, as each node would see them)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    cases = [(False, False), (True, True), (True, False), (False, True)]  # (node-local disks, save_on_each_node)
+    mp.spawn(_layout_worker, args=(free_port(), str(tmp_path), cases), nprocs=2)
+    by_rank = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    shared, local, local_unflagged, shared_flagged = zip(*by_rank)
+    assert [o["ranks"] for o in shared] == [[0, 1], [0, 1]] and [o["publisher"] for o in shared] == [True, False]
+    assert [o["ranks"] for o in local] == [[0], [1]] and all(o["publisher"] and o["node_local"] for o in local)
+    for o in local_unflagged:
+        assert "ConfigError" in o["error"] and ("is not one shared disk: ranks [0] | ranks [1] each see only their own "
+                                                "node's files. Set training.save_on_each_node: true") in o["error"]
+    for o in shared_flagged:
+        assert "is one disk shared by all nodes, and training.save_on_each_node is true" in o["error"]
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and not f.name.endswith(".json")]  # probes removed

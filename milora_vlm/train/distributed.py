@@ -127,10 +127,11 @@ def storage_layout(output_dir: str, save_on_each_node: bool, settle_s: float = 3
         raise ConfigError(f"output_dir {output_dir}: the ranks disagree on who shares a disk there (rank: ranks seen "
                           f"{dict(enumerate(sets))}); give every node either the same shared directory or its own disk")
     groups = sorted(set(sets))
+    named = " | ".join(f"ranks {list(g)}" for g in groups)
     node_local = len(groups) > 1
     if node_local and not save_on_each_node:
         raise ConfigError(
-            f"output_dir {output_dir} is not one shared disk: ranks {groups} each see only their own node's files. "
+            f"output_dir {output_dir} is not one shared disk: {named} each see only their own node's files. "
             "Set training.save_on_each_node: true (--save_on_each_node true) so that every node keeps a full "
             "checkpoint, or give all nodes one shared output_dir")
     if not node_local and save_on_each_node and [v[1] for v in views].count(0) > 1:
@@ -138,6 +139,6 @@ def storage_layout(output_dir: str, save_on_each_node: bool, settle_s: float = 3
             f"output_dir {output_dir} is one disk shared by all nodes, and training.save_on_each_node is true: every "
             "node would write and rename the same files. Set it false (the default) on a shared disk")
     if node_local and any([views[r][1] for r in group].count(0) != 1 or views[min(group)][1] != 0 for group in groups):
-        raise ConfigError(f"output_dir {output_dir}: the disks there ({groups}) do not follow the nodes (each disk "
+        raise ConfigError(f"output_dir {output_dir}: the disks there ({named}) do not follow the nodes (each disk "
                           "must hold one node, whose local rank 0 saves on it)")
     return Storage(seen, node_local)
