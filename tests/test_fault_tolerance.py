@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -26,8 +27,9 @@ import torch
 from safetensors.torch import load_file
 
 from milora_vlm.config import ConfigError, load_recipe
-from milora_vlm.train.checkpoint import (STAGING_DIR, checkpoints, clear_staging, latest_complete_checkpoint, missing_parts,
-                                         publish, staging_dir)
+from milora_vlm.train.checkpoint import (MANIFEST, STAGING_DIR, check_run_compatible, checkpoints, clear_staging,
+                                         latest_complete_checkpoint, missing_parts, publish, read_manifest, staging_dir,
+                                         trusted_deepspeed_loads, write_manifest)
 from milora_vlm.train.guards import TrainingStopped, check_skip_fraction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,12 +45,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher() -> list[str]:
+    launcher = Path(sys.executable).parent / "deepspeed"
+    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def command(args: list[str], procs: int) -> list[str]:
     if procs == 1:
         return [sys.executable, SCRIPT, "--deepspeed", "null", *args]
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    return cmd + ["--num_gpus", str(procs), "--master_port", str(free_port()), SCRIPT, *args]
+    return deepspeed_launcher() + ["--num_gpus", str(procs), "--master_port", str(free_port()), SCRIPT, *args]
 
 
 def environment(**extra: str) -> dict:
@@ -105,22 +110,27 @@ def test_guards_keys_are_checked(tmp_path):
             load_recipe(REPO / ZERO2, base + [(key, value)])
 
 
+ONE_PROCESS = {"world_size": 1, "deepspeed": False, "zero_stage": None}
+
+
 def write_checkpoint_files(path: Path, tag: str) -> None:
+    """A 1-process checkpoint without DeepSpeed, manifest included (the save's last write)."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("adapter_model.safetensors", "optimizer.pt"):
+    for name in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pth"):
         (path / name).write_bytes(tag.encode())
     (path / "milora_recipe.yaml").write_text("{}")
     (path / "trainer_state.json").write_text("{}")
+    write_manifest(str(path), ONE_PROCESS, [0])
 
 
 # A save as MiLoRATrainer._save_checkpoint does it (every file into the staging folder, then publish's renames),
-# SIGKILLed once every file is written and before any rename, or between publish's two renames (the older
+# SIGKILLed once every file is written and before the manifest and any rename, or between publish's two renames (the older
 # checkpoint-N of that name moved aside, the new one not yet in place). Plain Python: it starts in a blink.
 _SAVER = """
 import os, sys, time
 staged, target, stop_after = sys.argv[1:]
 os.makedirs(staged)
-for name in ("adapter_model.safetensors", "optimizer.pt", "milora_recipe.yaml", "trainer_state.json"):
+for name in ("adapter_model.safetensors", "optimizer.pt", "rng_state.pth", "milora_recipe.yaml", "trainer_state.json"):
     with open(os.path.join(staged, name), "w") as f:
         f.write("{}")
 if stop_after == "moved aside":
@@ -148,9 +158,10 @@ def test_interrupted_save_is_never_resumed(tmp_path):
         publish(str(Path(staging_dir(str(out))) / f"checkpoint-{step}"), str(out / f"checkpoint-{step}"))
     assert missing_parts(str(out / "checkpoint-4")) == [] and not list(Path(staging_dir(str(out))).iterdir())
 
-    # killed after every rank wrote checkpoint-6, before the rename: only the staging folder holds it
+    # killed after every rank wrote checkpoint-6, before the manifest and the rename: only the staging folder holds it
     kill_saver(out, "checkpoint-6", "written")
-    assert missing_parts(str(out / STAGING_DIR / "checkpoint-6")) == [] and not (out / "checkpoint-6").exists()
+    assert "no milora_manifest.json" in missing_parts(str(out / STAGING_DIR / "checkpoint-6"))[0]
+    assert not (out / "checkpoint-6").exists()
     assert [s for s, _ in checkpoints(str(out))] == [2, 4]
     assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-4")
 
@@ -168,8 +179,116 @@ def test_interrupted_save_is_never_resumed(tmp_path):
     assert sorted(p.name for p in (out / STAGING_DIR).iterdir()) == ["checkpoint-4", "replaced-checkpoint-4"]
     # other damage is still caught by the completeness check
     (out / "checkpoint-2" / "optimizer.pt").unlink()
-    assert missing_parts(str(out / "checkpoint-2")) == ["optimizer state (DeepSpeed `latest` or optimizer.pt)"]
+    assert missing_parts(str(out / "checkpoint-2")) == ["optimizer.pt is missing"]
     assert latest_complete_checkpoint(str(out)) is None
+
+
+ZERO2_TWO_RANKS = {"world_size": 2, "deepspeed": True, "zero_stage": 2}
+
+
+def zero2_checkpoint(path: Path, ranks=(0, 1), skip: tuple[str, ...] = ()) -> Path:
+    """The file layout of a 2-rank ZeRO-2 checkpoint (contents are stand-ins), less the files named in `skip`."""
+    names = ["adapter_model.safetensors", "milora_recipe.yaml", "trainer_state.json", "latest",
+             "global_step4/mp_rank_00_model_states.pt"]
+    for r in ranks:
+        names += [f"rng_state_{r}.pth", f"global_step4/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"]
+    for name in names:
+        if name not in skip:
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text("global_step4" if name == "latest" else f"{name} bytes")
+    return path
+
+
+@pytest.mark.parametrize("part", ["rng_state_1.pth", "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+def test_a_rank_part_missing_at_save_fails_the_save_and_later_makes_the_checkpoint_incomplete(tmp_path, part):
+    staged = zero2_checkpoint(tmp_path / "staged", skip=(part,))
+    with pytest.raises(RuntimeError, match=re.escape(part)):
+        write_manifest(str(staged), ZERO2_TWO_RANKS, [0, 1])
+    assert not (staged / MANIFEST).exists()
+    out = tmp_path / "out"
+    older, newer = (zero2_checkpoint(out / f"checkpoint-{s}") for s in (2, 4))
+    for c in (older, newer):
+        write_manifest(str(c), ZERO2_TWO_RANKS, [0, 1])
+    (newer / part).unlink()  # lost after the save
+    assert missing_parts(str(newer)) == [f"{part} is missing"]
+    assert latest_complete_checkpoint(str(out)) == str(older)
+    # node-local disks: node 0's copy holds rank 0's parts only; asked for rank 1's it says what is missing
+    node0 = zero2_checkpoint(tmp_path / "node0", ranks=(0,))
+    write_manifest(str(node0), ZERO2_TWO_RANKS, [0])
+    assert missing_parts(str(node0)) == [] and read_manifest(str(node0))["ranks"] == [0]
+    assert len(missing_parts(str(node0), ranks=[1])) == 2
+
+
+def test_damaged_or_planted_files_are_refused_and_auto_says_why(tmp_path, caplog):
+    out = tmp_path / "out"
+    ckpts = {s: zero2_checkpoint(out / f"checkpoint-{s}") for s in (2, 4, 6, 8, 10)}
+    for c in ckpts.values():
+        write_manifest(str(c), ZERO2_TWO_RANKS, [0, 1])
+    optim = "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    text = (ckpts[10] / optim).read_text()
+    (ckpts[10] / optim).write_text(text[:-1] + "X")  # same size, other bytes
+    (ckpts[8] / "global_step4" / "payload.pt").write_bytes(b"planted")
+    (ckpts[6] / MANIFEST).write_text("{not json")
+    (ckpts[4] / MANIFEST).unlink()
+    assert missing_parts(str(ckpts[10])) == [f"{optim} differs from what the save wrote (sha256 mismatch)"]
+    assert missing_parts(str(ckpts[10]), verify_hashes=False) == []  # sizes alone cannot see it
+    assert missing_parts(str(ckpts[8])) == ["global_step4/payload.pt is not in the manifest (not written by the save)"]
+    assert "milora_manifest.json is unreadable" in missing_parts(str(ckpts[6]))[0]
+    assert "no milora_manifest.json" in missing_parts(str(ckpts[4]))[0]
+    with caplog.at_level("WARNING", logger="milora_vlm.train.checkpoint"):
+        assert latest_complete_checkpoint(str(out)) == str(ckpts[2])
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 4 and "checkpoint-10: " + optim in skipped[0] and "payload.pt" in skipped[1]
+
+
+def test_resume_refuses_another_deepspeed_setup_naming_the_key(tmp_path):
+    ckpt = zero2_checkpoint(tmp_path / "checkpoint-4")
+    write_manifest(str(ckpt), ZERO2_TWO_RANKS, [0, 1])
+    saved = {"deepspeed": "/x/zero2.json"}
+    check_run_compatible(str(ckpt), saved, dict(ZERO2_TWO_RANKS))
+    for now, words in [({"deepspeed": False, "zero_stage": None}, r"`deepspeed: null`, so its ZeRO optimizer state would be dropped.*--deepspeed /x/zero2.json"),
+                       ({"zero_stage": 3}, r"zero_optimization.stage 3, and ZeRO-2 shards"),
+                       ({"world_size": 4}, r"saved under DeepSpeed ZeRO-2 by 2 process.*this run has 4 \(the world size")]:
+        with pytest.raises(ConfigError, match=words):
+            check_run_compatible(str(ckpt), saved, {**ZERO2_TWO_RANKS, **now})
+    plain = tmp_path / "plain"
+    write_checkpoint_files(plain, "x")
+    with pytest.raises(ConfigError, match="DeepSpeed cannot read the Trainer's optimizer.pt"):
+        check_run_compatible(str(plain), {}, dict(ZERO2_TWO_RANKS))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['PAYLOAD_MARK']}",))
+
+
+def test_deepspeed_pickles_are_read_weights_only(tmp_path, monkeypatch):
+    """DeepSpeed's own engine unpickles with weights_only=False; inside trusted_deepspeed_loads a planted object
+    raises instead of running, while what DeepSpeed really writes (its loss scaler, ZeRO stage, fragment
+    addresses) still loads."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("PAYLOAD_MARK", str(mark))
+    torch.save({"optimizer_state_dict": _Payload()}, tmp_path / "planted.pt")
+    real = {"loss_scaler": LossScaler(scale=1.0), "dynamic": DynamicLossScaler(init_scale=2.0 ** 16, scale_window=1000, min_scale=1.0,
+                                                                               delayed_shift=2, consecutive_hysteresis=False),
+            "zero_stage": ZeroStageEnum.gradients, "slices": {"w": fragment_address(numel=4, start=2)},
+            "state": torch.arange(3.0)}
+    torch.save(real, tmp_path / "real.pt")
+    engine = TorchCheckpointEngine()
+    with trusted_deepspeed_loads():
+        with pytest.raises(pickle.UnpicklingError):
+            engine.load(str(tmp_path / "planted.pt"))
+        back = engine.load(str(tmp_path / "real.pt"))
+    assert not mark.exists()
+    assert back["zero_stage"] is ZeroStageEnum.gradients and back["slices"]["w"] == fragment_address(numel=4, start=2)
+    assert back["loss_scaler"].cur_scale == 1.0 and back["dynamic"].cur_scale == 2.0 ** 16
+    engine.load(str(tmp_path / "planted.pt"))  # outside it, DeepSpeed's own load runs the payload
+    assert mark.exists()
 
 
 # ---- single-process runs: bad records and NaN losses -----------------------------------------------------------------
@@ -248,6 +367,22 @@ def test_nonfinite_steps_are_skipped_and_too_many_stop_with_a_checkpoint(nan_run
     assert not (out / "adapter_model.safetensors").exists()  # a stopped run does not pass for a finished one
     last = [h for h in log_history(out / "checkpoint-5") if "nonfinite_steps_skipped" in h][-1]
     assert last["nonfinite_steps_skipped"] == 3
+
+
+def test_resume_skips_a_tampered_checkpoint_and_refuses_another_deepspeed_setup(nan_run, work):
+    """The NaN run saved without DeepSpeed. A copy whose newest optimizer.pt was replaced is skipped by `auto`,
+    naming the file; the older one is then refused at start, naming the `deepspeed` key, before any model loads."""
+    _, out = nan_run
+    again = work / "tampered"
+    for step in (4, 5):
+        shutil.copytree(out / f"checkpoint-{step}", again / f"checkpoint-{step}")
+    torch.save({"state": {}, "param_groups": []}, again / "checkpoint-5" / "optimizer.pt")
+    proc = subprocess.run([sys.executable, SCRIPT, *single(work, "tampered", "--resume_from_checkpoint", "auto")],
+                          cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    assert f"skipping {again / 'checkpoint-5'}: optimizer.pt" in proc.stderr
+    assert f"cannot resume from {again / 'checkpoint-4'}: it was saved without DeepSpeed" in proc.stderr
+    assert "Resume with `deepspeed: null` (--deepspeed null)" in proc.stderr
 
 
 def test_bad_records_under_the_limit_are_counted_and_named(nan_run, work):

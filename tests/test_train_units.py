@@ -16,21 +16,27 @@ from milora_vlm.data.dataset import ConversationDataset
 from milora_vlm.data.skips import SkipRecord
 from milora_vlm.train.bootstrap import instruction_records, shapes_records
 from milora_vlm.train.callbacks import save_loss_curve
-from milora_vlm.train.checkpoint import check_resume_compatible, latest_complete_checkpoint, missing_parts, resolve_resume
+from milora_vlm.train.checkpoint import (check_resume_compatible, latest_complete_checkpoint, missing_parts, resolve_resume,
+                                         write_manifest)
 from milora_vlm.train.guards import NonFiniteGuard, TrainingStopped
 from milora_vlm.train.skips import SkipCounter
 
 
 def fake_checkpoint(path, deepspeed=True, recipe=None):
+    """A 1-process checkpoint's files (ZeRO-2 or plain optimizer.pt), published with its manifest."""
     path.mkdir(parents=True)
     (path / "adapter_model.safetensors").write_bytes(b"x")
     (path / "trainer_state.json").write_text("{}")
+    (path / "rng_state.pth").write_bytes(b"x")
     (path / RECIPE_FILENAME).write_text(yaml.safe_dump(recipe or {}))
     if deepspeed:
         (path / "latest").write_text("global_step3")
         (path / "global_step3").mkdir()
+        (path / "global_step3" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        (path / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x")
     else:
         (path / "optimizer.pt").write_bytes(b"x")
+    write_manifest(str(path), {"world_size": 1, "deepspeed": deepspeed, "zero_stage": 2 if deepspeed else None}, [0])
     return path
 
 
@@ -40,15 +46,15 @@ def test_checkpoint_completeness_and_auto_resume(tmp_path):
     fake_checkpoint(out / "checkpoint-3")
     fake_checkpoint(out / "checkpoint-10", deepspeed=False)
     broken = fake_checkpoint(out / "checkpoint-12")
-    (broken / "trainer_state.json").unlink()  # killed before the Trainer wrote its state
+    (broken / "trainer_state.json").unlink()  # deleted after the save
     half = fake_checkpoint(out / "checkpoint-15")
     (half / "latest").write_text("global_step15")  # names a folder that was never written
     assert missing_parts(str(out / "checkpoint-10")) == []
-    assert missing_parts(str(broken)) == ["trainer_state.json"]
-    assert missing_parts(str(half)) == ["DeepSpeed state folder global_step15"]
+    assert missing_parts(str(broken)) == ["trainer_state.json is missing"]
+    assert missing_parts(str(half)) == ["latest has 13 bytes, the save wrote 12"]
     assert latest_complete_checkpoint(str(out)) == str(out / "checkpoint-10")
     assert resolve_resume("auto", str(out)) == str(out / "checkpoint-10")
-    with pytest.raises(ConfigError, match="incomplete.*trainer_state.json"):
+    with pytest.raises(ConfigError, match="cannot be resumed: trainer_state.json is missing"):
         resolve_resume(str(broken), str(out))
     assert resolve_resume(None, str(out)) is None
 

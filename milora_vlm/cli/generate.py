@@ -21,7 +21,7 @@ import sys
 
 from milora_vlm.data.images import ASPECT_RATIOS
 from milora_vlm.data.templates import get_template, template_names
-from milora_vlm.dist import barrier, is_initialized, launcher_rank_and_world
+from milora_vlm.dist import barrier, gather_object, is_initialized, launcher_rank_and_world
 from milora_vlm.evaluation.generation import (
     SINGLE_PRED_PROMPT,
     GenerationSettings,
@@ -116,18 +116,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge_ranks(answers_file: str, rank: int, world_size: int) -> None:
-    """Wait for every rank, then rank 0 folds the per-rank files into the final answers file."""
+    """Wait for every rank, then rank 0 folds the per-rank files into the final answers file.
+
+    On node-local disks rank 0 cannot see another node's part file, so every rank also sends its part's text and
+    rank 0 writes the ones it cannot see before merging (on a shared disk it sees them all); each node then drops
+    its own part, as the merge does on a shared disk."""
     import torch.distributed as dist
 
     own_group = not is_initialized()
-    if own_group:  # a barrier only: gloo works on CPU and GPU machines alike
+    if own_group:  # gloo works on CPU and GPU machines alike
         dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
     barrier()
+    parts = [f"{answers_file}.part{r}of{world_size}" for r in range(world_size)]
+    own = None
+    if os.path.exists(parts[rank]):
+        with open(parts[rank], encoding="utf-8") as f:
+            own = f.read()
+    texts = gather_object(own)
     if rank == 0:
-        parts = [f"{answers_file}.part{r}of{world_size}" for r in range(world_size)]
+        for part, text in zip(parts, texts):
+            if text is not None and not os.path.exists(part):  # another node's disk
+                with open(part, "w", encoding="utf-8") as f:
+                    f.write(text)
         added = merge_answer_files([p for p in parts if os.path.exists(p)], answers_file)
         print(f"merged {added} answers from {world_size} ranks into {answers_file}", file=sys.stderr)
     barrier()
+    if os.path.exists(parts[rank]):  # merged on rank 0's disk; this node's copy is done with
+        os.remove(parts[rank])
     if own_group:
         dist.destroy_process_group()
 

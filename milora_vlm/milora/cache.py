@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -116,7 +117,7 @@ def save_cached(cache_dir, key: str, settings: dict, factors: Factors, sigma_max
         tensors[f"{name}.A0"] = A0.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{name}.B0"] = B0.detach().to("cpu", torch.float32).contiguous()
         tensors[f"{name}.sigma_max"] = torch.tensor([sigma_max[name]], dtype=torch.float32)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp = path.with_suffix(f".tmp{uuid.uuid4().hex}")  # unique across the nodes sharing a disk, not only per host
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(settings, sort_keys=True)})

@@ -18,6 +18,7 @@ DeepSpeed and torch.distributed offer the collectives but not this scheduling or
 from __future__ import annotations
 
 import contextlib
+import os
 import logging
 import time
 import zlib
@@ -196,7 +197,9 @@ def compute_initial_factors(targets: list[Target], config) -> tuple[Factors, Ini
     report.seconds = time.perf_counter() - t0
 
     if use_cache:
-        if rank == 0:
+        # one writer per node (its local rank 0): on node-local disks every node needs its own copy for the next
+        # run to hit (all ranks must load it); on a shared disk the nodes' atomic writes of the same bytes are harmless
+        if int(os.environ.get("LOCAL_RANK", rank)) == 0:
             with errors.capture("cache"):
                 path = cache_mod.save_cached(config.cache_dir, key, settings, factors, sigma_max)
                 if path is not None:

@@ -74,23 +74,26 @@ def write_init_files(peft_model: PeftModel, output_dir: str | os.PathLike) -> No
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict: dict | None = None,
+                is_main_process: bool | None = None) -> None:
     """PEFT save_pretrained + the MiLoRA files; a directory that load_milora (or export) can use as is.
 
     Call it on every rank under torch.distributed: ZeRO-3 partitioned adapter weights are gathered (collectively)
-    unless a gathered `state_dict` is given, and rank 0 writes.
+    unless a gathered `state_dict` is given, and rank 0 writes (or every rank given is_main_process=True: one per
+    node when each node saves on its own disk).
     """
     _config_of(peft_model)
     rank = ranks.rank()
+    writes = rank == 0 if is_main_process is None else is_main_process
     adapter_params = [p for n, p in peft_model.named_parameters() if "lora_" in n or "modules_to_save" in n]
     if state_dict is None and any(is_partitioned(p) for p in adapter_params):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(adapter_params, modifier_rank=None):
-            peft_model.save_pretrained(str(output_dir), is_main_process=rank == 0)
+            peft_model.save_pretrained(str(output_dir), is_main_process=writes)
     else:
-        peft_model.save_pretrained(str(output_dir), state_dict=state_dict, is_main_process=rank == 0)
-    if rank == 0:
+        peft_model.save_pretrained(str(output_dir), state_dict=state_dict, is_main_process=writes)
+    if writes:
         write_init_files(peft_model, output_dir)
     ranks.barrier()
 

@@ -7,6 +7,7 @@ the adapter is applied (MiLoRA decomposes each target once across ranks) before 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ from milora_vlm.data.dataset import NoTrainableRecords
 
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StitchedScheduleNote
-from .checkpoint import check_resume_compatible, resolve_resume
+from .checkpoint import check_resume_compatible, resolve_resume, run_signature
 from .guards import DiskFull, TrainingStopped
 from .skips import SkipCounter
 
@@ -88,9 +89,10 @@ def resolve_hardware(recipe: Recipe) -> list[str]:
     return notes
 
 
-def training_arguments(recipe: Recipe):
+def training_arguments(recipe: Recipe, node_local: bool = False):
     """TrainingArguments from the recipe's `training` section plus this pipeline's defaults (written back into the
-    recipe, so the saved milora_recipe.yaml shows what ran)."""
+    recipe, so the saved milora_recipe.yaml shows what ran). On node-local disks DeepSpeed is told so
+    (checkpoint.use_node_local_storage: each node's local rank 0 also writes the shared model states)."""
     from transformers import TrainingArguments
 
     kw = dict(recipe.training)
@@ -110,6 +112,11 @@ def training_arguments(recipe: Recipe):
         recipe.training.setdefault(key, value)
     kw["remove_unused_columns"] = False  # the collator's keys are exactly the model's inputs
     kw["deepspeed"] = recipe.deepspeed
+    if node_local and recipe.deepspeed is not None:
+        with open(recipe.deepspeed, encoding="utf-8") as f:
+            ds = json.load(f)
+        ds.setdefault("checkpoint", {})["use_node_local_storage"] = True
+        kw["deepspeed"] = ds
     return TrainingArguments(**kw)
 
 
@@ -150,10 +157,19 @@ def run(recipe: Recipe) -> str:
         prepare_model_and_data(recipe)
     distributed.barrier()
 
-    resume = resolve_resume(recipe.training.get("resume_from_checkpoint"), recipe.output_dir)
+    os.makedirs(recipe.output_dir, exist_ok=True)
+    storage = distributed.storage_layout(recipe.output_dir, bool(recipe.training.get("save_on_each_node", False)))
+    if storage.node_local:
+        logger.info("output_dir %s is node-local: each node saves and resumes its own copy of every checkpoint "
+                    "(this disk: ranks %s)", recipe.output_dir, list(storage.ranks))
+    world = distributed.world_size()
+    resume = resolve_resume(recipe.training.get("resume_from_checkpoint"), recipe.output_dir,
+                            rank=distributed.rank() if world > 1 else None, hashes=storage.publisher,
+                            gather=distributed.gather_object)
+    signature = run_signature(recipe, world)
     if resume is not None:
-        check_resume_compatible(recipe, resume)
-    args = training_arguments(recipe)  # before from_pretrained: ZeRO-3 loads partitioned
+        check_resume_compatible(recipe, resume, signature)
+    args = training_arguments(recipe, storage.node_local)  # before from_pretrained: ZeRO-3 loads partitioned
     loaded = load_model(recipe.model, model_dtype(recipe, args))
     if loaded.num_image_tokens >= recipe.data.max_length:
         raise ConfigError(
@@ -204,6 +220,8 @@ def run(recipe: Recipe) -> str:
         processing_class=loaded.processing_class,
         recipe=recipe,
         skip_counter=SkipCounter(dataset.load_skips if distributed.rank() == 0 else ()),
+        storage=storage,
+        run_signature=signature,
         callbacks=callbacks,
     )
     if args.should_save:

@@ -11,8 +11,10 @@
 - guards (milora_vlm.train.guards): a non-finite loss skips the backward (so the step changes nothing), a
   non-finite gradient norm drops the step's gradients; the records of each batch are passed to the guard so that
   it can name them; too many skipped records stop the run at a log step.
-- checkpoints are written into a staging folder and renamed into place once every rank has finished
-  (milora_vlm.train.checkpoint), so `--resume_from_checkpoint auto` never meets a half-written one.
+- checkpoints are written into a staging folder and, once every rank has finished, one process per disk writes
+  the manifest and renames the folder into place (milora_vlm.train.checkpoint), so `--resume_from_checkpoint auto`
+  never meets a half-written one; on node-local disks (save_on_each_node) each node does so for its own copy.
+- resuming reads DeepSpeed's pickles with weights_only=True (checkpoint.trusted_deepspeed_loads).
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from milora_vlm.config import Recipe
 from milora_vlm.data.collator import SKIPS_KEY
 
 from . import distributed
-from .checkpoint import clear_staging, publish, staging_dir
-from .guards import NonFiniteGuard, check_skip_fraction, naming_disk_full
+from .checkpoint import (clear_staging, publish, staging_dir, trusted_deepspeed_loads, write_deepspeed_latest,
+                         write_manifest)
+from .guards import DiskFull, NonFiniteGuard, check_skip_fraction, naming_disk_full
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
 
@@ -54,9 +57,14 @@ def optimizer_groups(model: torch.nn.Module, decay_names: set[str], lr: float, p
 
 
 class MiLoRATrainer(Trainer):
-    def __init__(self, *args, recipe: Recipe, skip_counter: SkipCounter | None = None, **kwargs):
+    def __init__(self, *args, recipe: Recipe, skip_counter: SkipCounter | None = None,
+                 storage: distributed.Storage | None = None, run_signature: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        # who publishes checkpoints on this rank's disk, and what the manifest records about the run
+        self.storage = storage or distributed.Storage(tuple(range(self.args.world_size)), False)
+        self.run_signature = run_signature or {"world_size": self.args.world_size, "deepspeed": self.is_deepspeed_enabled,
+                                               "zero_stage": None, "save_only_model": self.args.save_only_model}
         self.skip_counter = skip_counter
         # fp16: DeepSpeed's / the AMP loss scaler owns gradient overflow skips, so only the loss is judged
         self.nonfinite = NonFiniteGuard(recipe.guards.max_consecutive_nonfinite, judge_grads=not self.args.fp16)
@@ -192,14 +200,20 @@ class MiLoRATrainer(Trainer):
         # trainer state) writes into the staging folder instead of output_dir.
         return self._staging if self._staging is not None else super()._get_output_dir(trial)
 
+    def train(self, *args, **kwargs):
+        with trusted_deepspeed_loads():  # a resume reads DeepSpeed's optimizer / model-state pickles weights-only
+            return super().train(*args, **kwargs)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written into output_dir/.saving/checkpoint-N by every rank and renamed to
-        output_dir/checkpoint-N once all have finished (checkpoint.publish), so a killed save is never resumed."""
+        """The Trainer's checkpoint, written into output_dir/.saving/checkpoint-N by every rank; once all have
+        finished, the publisher of each disk (storage.publisher) writes the manifest and renames the folder to
+        output_dir/checkpoint-N (checkpoint.publish), so a killed save is never resumed."""
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         staging = staging_dir(run_dir)
         staged, target = os.path.join(staging, name), os.path.join(run_dir, name)
-        if self.args.should_save:
+        publisher = self.storage.publisher
+        if publisher:
             clear_staging(run_dir)  # leftovers of a save killed in an earlier run
             os.makedirs(staged)
         distributed.barrier()  # the staging folder is fresh before any rank writes into it
@@ -215,12 +229,25 @@ class MiLoRATrainer(Trainer):
             self.state.best_model_checkpoint = target
             if self.args.should_save:
                 self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        if self.args.should_save:
-            publish(staged, target)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-            clear_staging(run_dir)  # emptied by publish: no .saving/ is left behind
-        distributed.barrier()  # no rank goes on (or reads the checkpoint) before it is in place
+        error = None
+        if publisher:
+            try:
+                with naming_disk_full(staged):
+                    if self.storage.node_local and self.is_deepspeed_enabled:
+                        write_deepspeed_latest(staged)
+                    write_manifest(staged, self.run_signature, list(self.storage.ranks))  # the save's last write
+                    publish(staged, target)
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+                clear_staging(run_dir)  # emptied by publish: no .saving/ is left behind
+            except (OSError, RuntimeError) as e:
+                error = e
+        # every rank stops, none waits forever
+        errors = [e for e in distributed.gather_object(None if error is None else f"rank {distributed.rank()}: {error}") if e]
+        if isinstance(error, DiskFull):
+            raise error
+        if errors:
+            raise RuntimeError(f"saving {name} failed: {'; '.join(errors)}")
         if push:
             self._push_from_checkpoint(target)
 
@@ -235,7 +262,8 @@ class MiLoRATrainer(Trainer):
         from milora_vlm.milora import save_milora
 
         if isinstance(self.model, PeftModel):
-            save_milora(self.model, output_dir)  # every rank: gathers ZeRO-3 shards, rank 0 writes
+            # every rank: gathers ZeRO-3 shards; each disk's saving process writes (should_save)
+            save_milora(self.model, output_dir, is_main_process=self.args.should_save)
             if self.args.should_save:
                 self.processing_class.save_pretrained(output_dir)
                 torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
