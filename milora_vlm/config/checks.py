@@ -104,6 +104,8 @@ def _check_zero(path: str, ds: Any) -> None:
         raise ConfigError(f"deepspeed: {path}: fp16 and bf16 are both enabled; choose one (or 'auto')")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed keys and run settings that would fail (or silently do the wrong thing) only after minutes of loading
 
 @functools.lru_cache(maxsize=1)
 def _deepspeed_known_keys() -> frozenset[str]:

@@ -248,7 +248,7 @@ def apply_overrides(raw: dict, pairs: list[tuple[str, str]]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# run settings that would fail (or silently do the wrong thing) only after minutes of loading
+# the YAML file and the whole recipe
 
 class _DuplicateKey(ValueError):
     pass
