@@ -66,3 +66,21 @@ def test_a_registered_template_owns_its_system_prompt_format(scratch_registries,
     assert render_pieces(t, no_system, "</s>")[0] == ("Q: hi\nA:", False)  # no system prompt writes nothing
     enc = encode_conversation(tiny_tokenizer, "bracketed", conv)
     assert tiny_tokenizer.decode([x for x in enc.labels if x != -100]) == " yo</s>"
+
+
+def test_apply_milora_starts_from_a_registered_init(scratch_registries, tiny_causal_lm_dir):
+    """The whole adapter path (targets, distributed init, offset layers) takes a new init with no other change."""
+    from transformers import AutoModelForCausalLM
+
+    from milora_vlm.milora import apply_milora
+    from milora_vlm.milora.targets import find_targets
+
+    register_init("top_and_bottom", "half the largest and half the smallest triplets")(
+        lambda k, r, generator: torch.cat([torch.arange(0, r // 2), torch.arange(k - (r - r // 2), k)]))
+    base = AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir, dtype=torch.float32).eval()
+    weights = {n: p.detach().clone() for n, p in base.named_parameters() if n.endswith("q_proj.weight")}
+    model = apply_milora(base, MiLoRAConfig(r=4, lora_alpha=4, target_modules=["q_proj"], init="top_and_bottom"))
+    t = next(t for t in find_targets(model) if t.name.endswith("q_proj"))
+    A, B = t.layer.lora_A["default"].weight, t.layer.lora_B["default"].weight
+    A_ref, B_ref = minor_factors(weights[t.name + ".weight"], 4, init="top_and_bottom")
+    torch.testing.assert_close(B @ A, B_ref @ A_ref, rtol=0, atol=1e-5)
