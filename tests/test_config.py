@@ -215,3 +215,45 @@ def test_cli_reports_config_errors_before_loading_anything(files):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "adapter.rank" in proc.stderr and "did you mean" in proc.stderr
+
+
+def test_help_prints_every_field_with_its_help_and_choices(capsys):
+    """`train_vlm.py --help` shows each recipe key's help and choices as declared next to the field, and lists the
+    registered inits, projectors and templates (so a newly registered one shows up without editing the help)."""
+    import dataclasses
+
+    from milora_vlm.config.schema import _ADAPTER_DERIVED, _SCALARS, _SECTIONS, Recipe
+    from milora_vlm.milora import INITS
+    from milora_vlm.train.pipeline import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())  # help text is wrapped to the terminal width
+    keys = [(f"{name}.{f.name}", f) for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)
+            if not (name == "adapter" and f.name in _ADAPTER_DERIVED)]
+    keys += [(f.name, f) for f in dataclasses.fields(Recipe) if f.name in _SCALARS]
+    assert len(keys) >= 40
+    for key, f in keys:
+        assert f"{key}:" in out, key
+        assert f.metadata.get("help"), f"{key} declares no help"
+        assert " ".join(f.metadata["help"].split()) in flat, key
+        choices = f.metadata.get("choices")
+        if choices:
+            assert f"{key}: {'|'.join(choices)}" in out, key
+    assert "adapter.init: minor|principal|middle|random|lora = 'minor'" in out
+    for name in ("minor", "principal", "middle", "random", "lora"):
+        assert " ".join(f"{name}: {INITS[name].help}".split()) in flat
+    assert "data.template: vicuna_v1|llama3|chatml|plain|alpaca" in out
+    assert "model.projector: mlp2x_gelu|linear" in out
+    assert "training:" in out and "TrainingArguments" in out
+
+
+def test_unknown_registered_name_lists_the_registered_ones(files):
+    raw = base_raw(files)
+    raw["model"]["projector"] = "mlp3x_gelu"
+    with pytest.raises(ConfigError, match="model.projector: unknown projector 'mlp3x_gelu'; registered: mlp2x_gelu, linear"):
+        build_recipe(raw)
+    raw = base_raw(files)
+    raw["adapter"]["init"] = "pissa"
+    with pytest.raises(ConfigError, match="adapter.init: unknown init 'pissa'; registered: minor, principal, middle"):
+        build_recipe(raw)

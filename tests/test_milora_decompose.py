@@ -11,7 +11,7 @@ from milora_vlm.milora.decompose import decompose, init_health, resolve_method, 
 
 def known_spectrum(m: int, n: int, seed: int = 0, cond: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
     """W = U diag(S) V^T with random orthonormal U, V and S log-spaced from 1 to 1/cond, times a factor-1.5 gap
-    every 8 values (so every mode's boundary sits on a gap for r = 8). Returns (W fp32, S descending fp64)."""
+    every 8 values (so every init's boundary sits on a gap for r = 8). Returns (W fp32, S descending fp64)."""
     g = torch.Generator().manual_seed(seed)
     k = min(m, n)
     U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
@@ -35,32 +35,32 @@ def max_principal_angle(X: torch.Tensor, Y: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["tall", "wide"])
-@pytest.mark.parametrize("mode", ["minor", "principal", "middle", "random"])
+@pytest.mark.parametrize("init", ["minor", "principal", "middle", "random"])
 @pytest.mark.parametrize("method", ["svd", "gram"])
 @pytest.mark.parametrize("alpha", [4, 32])  # scaling 0.5 and 4
-def test_reconstruction_matches_svd(shape, mode, method, alpha):
+def test_reconstruction_matches_svd(shape, init, method, alpha):
     r = 8
     W, _ = known_spectrum(*shape)
-    gen = torch.Generator().manual_seed(3) if mode == "random" else None
-    A, B = minor_factors(W, r, scaling=alpha / r, mode=mode, method=method, generator=gen)
+    gen = torch.Generator().manual_seed(3) if init == "random" else None
+    A, B = minor_factors(W, r, scaling=alpha / r, init=init, method=method, generator=gen)
     m, n = shape
     assert A.shape == (r, n) and B.shape == (m, r) and A.dtype == B.dtype == torch.float32
-    idx = select_indices(min(shape), r, mode, torch.Generator().manual_seed(3) if mode == "random" else None)
+    idx = select_indices(min(shape), r, init, torch.Generator().manual_seed(3) if init == "random" else None)
     ref, _, _ = exact_part(W, idx)
     got = (alpha / r) * B.double() @ A.double()
     rel = float((got - ref).norm() / ref.norm())
-    assert rel < 1e-4, f"{mode}/{method}: relative reconstruction error {rel:.2e}"
+    assert rel < 1e-4, f"{init}/{method}: relative reconstruction error {rel:.2e}"
     # B = U sqrt(S/s), A = sqrt(S/s) V^T: the two factors carry equal column / row norms
     torch.testing.assert_close(B.norm(dim=0), A.norm(dim=1), rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(200, 120), (120, 200)], ids=["tall", "wide"])
-@pytest.mark.parametrize("mode", ["minor", "principal"])
+@pytest.mark.parametrize("init", ["minor", "principal"])
 @pytest.mark.parametrize("cond", [1e2, 1e3])  # overall condition numbers ~3e4 and ~3e5 with the gaps
-def test_gram_subspace_within_1e4_of_exact(shape, mode, cond):
+def test_gram_subspace_within_1e4_of_exact(shape, init, cond):
     W, _ = known_spectrum(*shape, seed=1, cond=cond)
-    A, B = minor_factors(W, 8, mode=mode, method="gram")
-    idx = select_indices(min(shape), 8, mode)
+    A, B = minor_factors(W, 8, init=init, method="gram")
+    idx = select_indices(min(shape), 8, init)
     _, U_ref, V_ref = exact_part(W, idx)
     assert max_principal_angle(A.T, V_ref) < 1e-4
     assert max_principal_angle(B, U_ref) < 1e-4
@@ -73,14 +73,14 @@ def test_gram_beats_fp32_svd_on_ill_conditioned_minor_part():
     _, U_ref, V_ref = exact_part(W, idx)
     angles = {}
     for method in ("gram", "svd"):
-        A, B = minor_factors(W, 8, mode="minor", method=method)
+        A, B = minor_factors(W, 8, init="minor", method=method)
         angles[method] = max(max_principal_angle(A.T, V_ref), max_principal_angle(B, U_ref))
     assert angles["gram"] < 1e-3 < angles["svd"], angles
 
 
 def test_minor_is_the_bottom_of_the_spectrum():
     W, S = known_spectrum(80, 48)
-    A, B = minor_factors(W, 4, scaling=1.0, mode="minor")
+    A, B = minor_factors(W, 4, scaling=1.0, init="minor")
     # singular values of B A are the 4 smallest of W
     sv = torch.linalg.svdvals(B.double() @ A.double())[:4]
     torch.testing.assert_close(sv, S[-4:].to(sv.dtype), rtol=1e-4, atol=0)
@@ -99,16 +99,16 @@ def test_bf16_and_fp16_weights_decompose_their_own_values():
     W, _ = known_spectrum(64, 64)
     for dtype in (torch.bfloat16, torch.float16):
         Wd = W.to(dtype)
-        A, B = minor_factors(Wd, 8, mode="principal")
+        A, B = minor_factors(Wd, 8, init="principal")
         ref, _, _ = exact_part(Wd.float(), torch.arange(8))
         assert float((B.double() @ A.double() - ref).norm() / ref.norm()) < 1e-4
 
 
 def test_random_mode_is_seeded_and_sorted():
     W, _ = known_spectrum(64, 64)
-    a1 = minor_factors(W, 6, mode="random", seed=5)[0]
-    a2 = minor_factors(W, 6, mode="random", generator=torch.Generator().manual_seed(5))[0]
-    a3 = minor_factors(W, 6, mode="random", seed=6)[0]
+    a1 = minor_factors(W, 6, init="random", seed=5)[0]
+    a2 = minor_factors(W, 6, init="random", generator=torch.Generator().manual_seed(5))[0]
+    a3 = minor_factors(W, 6, init="random", seed=6)[0]
     assert torch.equal(a1, a2) and not torch.equal(a1, a3)
     idx = select_indices(64, 6, "random", torch.Generator().manual_seed(5))
     assert torch.equal(idx, torch.sort(idx).values) and len(set(idx.tolist())) == 6
@@ -135,10 +135,10 @@ def test_auto_method_choice():
         (lambda: torch.empty(8, 6, device="meta"), {"r": 1}, ValueError, "meta"),
         (lambda: torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), {"r": 1}, ValueError, "NaN or inf"),
         (lambda: torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), {"r": 1}, ValueError, "NaN or inf"),
-        (lambda: torch.randn(8, 6), {"r": 2, "mode": "major"}, ValueError, "mode"),
+        (lambda: torch.randn(8, 6), {"r": 2, "init": "major"}, ValueError, "init"),
         (lambda: torch.randn(8, 6), {"r": 2, "method": "qr"}, ValueError, "method"),
         (lambda: torch.randn(8, 6), {"r": 2, "method": "gesvda"}, ValueError, "CUDA"),
-        (lambda: torch.randn(8, 6), {"r": 2, "mode": "random"}, ValueError, "seed"),
+        (lambda: torch.randn(8, 6), {"r": 2, "init": "random"}, ValueError, "seed"),
         (lambda: torch.randn(8, 6), {"r": 2, "scaling": 0.0}, ValueError, "scaling"),
         (lambda: [[1.0, 2.0]], {"r": 1}, TypeError, "torch.Tensor"),
     ],
@@ -167,10 +167,10 @@ def test_init_health_flags_zero_singular_values_and_passes_healthy_ones():
     figures, warning = init_health(d.A, d.sigma_max, 1.0, d.route)
     assert figures["a0_vs_lora"] < 1e-3 and "smaller than LoRA's" in warning
     W, S = known_spectrum(64, 48, cond=1e2)
-    for mode in ("minor", "principal"):
-        d = decompose(W, 8, 1.0, mode, "auto", None)
+    for init in ("minor", "principal"):
+        d = decompose(W, 8, 1.0, init, "auto", None)
         figures, warning = init_health(d.A, d.sigma_max, 1.0, d.route)
         assert warning is None, warning
-        expected = S[-8:] if mode == "minor" else S[:8]
+        expected = S[-8:] if init == "minor" else S[:8]
         assert figures["selected_min"] == pytest.approx(float(expected.min()), rel=1e-4)
         assert figures["selected_max"] == pytest.approx(float(expected.max()), rel=1e-4)

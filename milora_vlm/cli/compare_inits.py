@@ -42,7 +42,8 @@ from milora_vlm.data.subset import seeded_subset
 # The checkout this package lives in (pip install -e .): `--launcher deepspeed` starts its scripts/train_vlm.py.
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-INITS = ("lora", "principal", "minor", "full")
+# The study's groups: three registered adapter inits (milora_vlm.milora.INITS) and full finetuning.
+STUDY_GROUPS = ("lora", "principal", "minor", "full")
 INIT_NAMES = {"lora": "LoRA", "principal": "PiSSA", "minor": "MiLoRA", "full": "full FT", "base": "base (no finetuning)"}
 # (figure name in a run's result, column title) for the tables and the plot
 FIGURES = [
@@ -291,7 +292,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", required=True, help="the training recipe every run starts from (needs an adapter section)")
     ap.add_argument("--output", required=True, help="study directory")
-    ap.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    ap.add_argument("--inits", nargs="+", default=list(STUDY_GROUPS), choices=STUDY_GROUPS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--max-steps", type=int, help="training steps per run (default: the recipe's)")
     ap.add_argument("--full-lr", type=float, help="learning rate of full finetuning (default: the recipe's / 10)")

@@ -19,7 +19,9 @@ Alpaca / MetaMath prompt layout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
+
+from milora_vlm.registry import Registry
 
 from .skips import SkipSample
 
@@ -35,7 +37,9 @@ class Template:
     """How one conversation becomes text.
 
     system:       default system prompt ("" for none); a `system` turn in the data overrides it.
-    prefix:       text before everything, `{system}` substituted (e.g. "{system} " for vicuna).
+    system_format: how a non-empty system prompt is written, `{system}` substituted (e.g. "{system} " for
+                  vicuna, ChatML's "<|im_start|>system\n{system}<|im_end|>\n"); no system prompt writes nothing.
+    prefix:       text before everything, `{system}` substituted with the formatted system prompt.
     user:         a human turn, `{content}` substituted; includes the assistant header that follows it.
     assistant:    an assistant turn, `{content}` substituted; the loss is on this piece.
     after_assistant: text after an assistant turn that is *not* trained (e.g. chatml's newline); after the
@@ -47,6 +51,7 @@ class Template:
 
     name: str
     system: str = ""
+    system_format: str = "{system}"
     prefix: str = ""
     user: str = "{content}"
     assistant: str = "{content}{eos}"
@@ -58,25 +63,26 @@ class Template:
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
 
 
-_REGISTRY: dict[str, Template] = {}
+    def system_text(self, system: str) -> str:
+        """The system prompt as this template writes it ("" when there is none)."""
+        if not system:
+            return ""
+        return self.system_format.format(system=system.strip() if self.strip_content else system)
+
+
+TEMPLATES: Registry[Template] = Registry("template")
 
 
 def register_template(t: Template) -> Template:
-    if t.name in _REGISTRY:
-        raise ValueError(f"template {t.name!r} is already registered")
-    _REGISTRY[t.name] = t
-    return t
+    return TEMPLATES.register(t.name, t)
 
 
 def get_template(name: str) -> Template:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown template {name!r}; known: {sorted(_REGISTRY)}") from None
+    return TEMPLATES[name]
 
 
 def template_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(TEMPLATES)
 
 
 # LLaVA's conv_vicuna_v1, which LLaVA-1.5 trains (--version v1) and evaluates (--conv-mode vicuna_v1) with.
@@ -90,14 +96,15 @@ _ALPACA_SYSTEM = (
 
 # LLaVA-1.5 conv_vicuna_v1: "SYS USER: q ASSISTANT: a</s>USER: ..."
 register_template(
-    Template("vicuna_v1", system=_VICUNA_SYSTEM, prefix="{system} ", user="USER: {content} ASSISTANT:",
-             assistant=" {content}{eos}")
+    Template("vicuna_v1", system=_VICUNA_SYSTEM, system_format="{system} ", prefix="{system}",
+             user="USER: {content} ASSISTANT:", assistant=" {content}{eos}")
 )
 # LLaMA-3 instruct format; <|begin_of_text|> is the BOS of real LLaMA-3 tokenizers.
 register_template(
     Template(
         "llama3",
-        prefix="<|begin_of_text|>{system_block}",
+        system_format="<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        prefix="<|begin_of_text|>{system}",
         user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
         assistant="{content}<|eot_id|>",
@@ -109,7 +116,8 @@ register_template(
 register_template(
     Template(
         "chatml",
-        prefix="{system_block}",
+        system_format="<|im_start|>system\n{system}<|im_end|>\n",
+        prefix="{system}",
         user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
         assistant="{content}<|im_end|>",
         after_assistant="\n",
@@ -122,14 +130,9 @@ register_template(
 register_template(Template("plain", user="{content}", assistant="{content}\n", keep_user_text=False))
 # LLM-Adapters / MetaMath prompt (the paper's commonsense and math settings).
 register_template(
-    Template("alpaca", system=_ALPACA_SYSTEM, prefix="{system}\n\n", user="### Instruction:\n{content}\n\n### Response:\n",
-             assistant="{content}{eos}", after_assistant="\n\n")
+    Template("alpaca", system=_ALPACA_SYSTEM, system_format="{system}\n\n", prefix="{system}",
+             user="### Instruction:\n{content}\n\n### Response:\n", assistant="{content}{eos}", after_assistant="\n\n")
 )
-
-_SYSTEM_BLOCKS: dict[str, Callable[[str], str]] = {
-    "llama3": lambda s: f"<|start_header_id|>system<|end_header_id|>\n\n{s.strip()}<|eot_id|>" if s else "",
-    "chatml": lambda s: f"<|im_start|>system\n{s}<|im_end|>\n" if s else "",
-}
 
 
 def _role(turn: dict, idx: int) -> str:
@@ -158,10 +161,7 @@ def render_pieces(
     if not turns:
         raise SkipSample("empty_conversation", "no turns")
     pieces: list[tuple[str, bool]] = []
-    block = _SYSTEM_BLOCKS.get(template.name, lambda s: "")(system)
-    prefix = template.prefix.format(system=system, system_block=block) if template.prefix else ""
-    if template.prefix.startswith("{system}") and not system:
-        prefix = ""
+    prefix = template.prefix.format(system=template.system_text(system))
     if prefix:
         pieces.append((prefix, False))
     expect = "human"

@@ -7,9 +7,9 @@
     model = load_milora(fresh_base_model, "out/adapter")
 """
 
-from .config import INITS, RESIDUALS, MiLoRAConfig
+from .config import RESIDUALS, MiLoRAConfig
 from .apply import apply_milora
-from .decompose import minor_factors
+from .decompose import INITS, minor_factors, register_init
 from .distributed import InitReport
 from .persist import MiLoRACheckpointCallback, initial_factors, load_milora, save_milora
 
@@ -23,5 +23,6 @@ __all__ = [
     "initial_factors",
     "load_milora",
     "minor_factors",
+    "register_init",
     "save_milora",
 ]

@@ -8,9 +8,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .decompose import METHODS
+from .decompose import INITS, METHODS
 
-INITS = ("minor", "principal", "middle", "random", "lora")
 RESIDUALS = ("offset", "subtract")
 
 
@@ -18,36 +17,43 @@ RESIDUALS = ("offset", "subtract")
 class MiLoRAConfig:
     """Settings of a MiLoRA adapter (PEFT LoRA layers whose A, B start from selected singular triplets of W).
 
-    r, lora_alpha: LoRA rank and alpha; the adapter adds (lora_alpha / r) * B @ A. The paper uses alpha = r for
-      MiLoRA (its table: commonsense r 32, math r 64, visual r 128 / alpha 256 for LoRA).
-    target_modules: module names (suffix match, PEFT's rule) or one regex string matched against full names,
-      e.g. r".*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)" for LLaVA.
-    init: "minor" (MiLoRA), "principal" (PiSSA), "middle", "random" (seeded) or "lora" (PEFT's default:
-      Kaiming A, zero B; nothing to decompose).
-    residual: "offset" (W untouched, the layer computes W x + s (B A - B0 A0) x with B0, A0 frozen: bit-exact
-      at step 0 in any dtype) or "subtract" (the paper's W_res = W - s B0 A0 written into the base weight).
-    modules_to_save: modules trained in full and saved with the adapter (e.g. ["multi_modal_projector"]).
-    seed: seeds the "random" selection and the "lora" init, identically on every process.
-    cache_dir: where initial factors are cached, keyed by the weights' fingerprint and these settings ("~" is
-      expanded here, so that every later use sees the same real path).
-    method: decomposition route, see milora_vlm.milora.decompose.minor_factors.
-    decompose_device: "auto" (the local CUDA device if there is one, else the weight's device), or a device
-      string such as "cpu" / "cuda:0"; weights are copied there one at a time for the decomposition.
+    Each field's meaning is in its `help` (shown by `train_vlm.py --help` as the recipe's `adapter.*` keys).
     """
 
-    r: int = 16
-    lora_alpha: float = 16
+    r: int = field(default=16, metadata={"help": "LoRA rank. The paper: commonsense 32, math 64, visual 128"})
+    lora_alpha: float = field(default=16, metadata={
+        "help": "LoRA alpha; the adapter adds (lora_alpha / r) * B @ A. The paper uses alpha = r for MiLoRA "
+                "(LoRA on visual instruction tuning: r 128, alpha 256)"})
     target_modules: Union[list[str], str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+        metadata={"help": "module names (suffix match, PEFT's rule) or one regex string matched against full names, "
+                          "e.g. '.*language_model.*\\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)' "
+                          "for LLaVA"},
     )
-    lora_dropout: float = 0.05
-    init: str = "minor"
-    residual: str = "offset"
-    modules_to_save: Optional[list[str]] = None
-    seed: int = 0
-    cache_dir: Optional[str] = None
-    method: str = "auto"
-    decompose_device: str = "auto"
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter's input, in [0, 1)"})
+    init: str = field(default="minor", metadata={
+        "help": "which singular triplets of W the adapter's A, B start from (minor is MiLoRA; registered in "
+                "milora.decompose.INITS)",
+        "choices": INITS})
+    residual: str = field(default="offset", metadata={
+        "help": "offset: W untouched, the layer computes W x + s (B A - B0 A0) x with B0, A0 frozen (bit-exact at "
+                "step 0 in any dtype); subtract: the paper's W_res = W - s B0 A0 written into the base weight",
+        "choices": RESIDUALS})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={
+        "help": "modules trained in full and saved with the adapter (e.g. ['multi_modal_projector'])"})
+    seed: int = field(default=0, metadata={
+        "help": "seeds the 'random' selection and the 'lora' init, identically on every process"})
+    cache_dir: Optional[str] = field(default=None, metadata={
+        "help": "where initial factors are cached, keyed by the weights' fingerprint and these settings "
+                "('~' is expanded)"})
+    method: str = field(default="auto", metadata={
+        "help": "decomposition route: svd (fp32 torch.linalg.svd), gram (fp64 Gram + eigh + Rayleigh-Ritz), "
+                "gesvda (cuSOLVER's approximate SVD, CUDA only, poor for minor components), auto (gram unless the "
+                "matrix is small or the device lacks fp64)",
+        "choices": METHODS})
+    decompose_device: str = field(default="auto", metadata={
+        "help": "auto (the local CUDA device if there is one, else the weight's device) or a device such as "
+                "cpu / cuda:0; weights are copied there one at a time for the decomposition"})
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -71,7 +77,7 @@ class MiLoRAConfig:
         if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(f"MiLoRAConfig.lora_dropout={self.lora_dropout!r}: give a probability in [0, 1)")
         if self.init not in INITS:
-            raise ValueError(f"MiLoRAConfig.init={self.init!r}: choose one of {INITS} ('minor' is MiLoRA)")
+            raise ValueError(f"MiLoRAConfig.init={self.init!r}: choose one of {INITS.names()} ('minor' is MiLoRA)")
         if self.residual not in RESIDUALS:
             raise ValueError(
                 f"MiLoRAConfig.residual={self.residual!r}: choose 'offset' (exact, default) or 'subtract' (the paper's W_res)"

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-MODES = ("minor", "principal", "middle", "random")
+from milora_vlm.registry import Registry
+
 METHODS = ("auto", "svd", "gram", "gesvda")
 # Up to this smaller side the fp32 LAPACK SVD is as fast as the Gram route on CPU, and it is the simpler one
 # (measured 2026-11-23, 2-core CPU, r=16: 256x256 12 ms both; 1024x1024 svd 0.34 s, gram 0.28 s;
@@ -55,20 +56,68 @@ class Decomposition:
     route: str
 
 
-def select_indices(k: int, r: int, mode: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Indices (into singular values sorted descending, 0..k-1) of the r triplets that `mode` selects, ascending."""
-    if mode == "minor":
-        return torch.arange(k - r, k)
-    if mode == "principal":
-        return torch.arange(0, r)
-    if mode == "middle":
-        start = (k - r) // 2
-        return torch.arange(start, start + r)
-    if mode == "random":
-        if generator is None:
-            raise ValueError("mode='random' needs a seed or a torch.Generator so that every process picks the same triplets")
-        return torch.sort(torch.randperm(k, generator=generator)[:r]).values
-    raise ValueError(f"mode={mode!r} is not one of {MODES}")
+# (k, r, generator) -> the ascending indices (into W's k singular values, sorted descending) of the r triplets
+Selection = Callable[[int, int, Optional[torch.Generator]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Init:
+    """One value of `adapter.init`: which singular triplets of W the adapter's A, B start from."""
+
+    help: str
+    select: Optional[Selection]  # None: PEFT's own LoRA init (Kaiming A, zero B), nothing is decomposed
+    needs_generator: bool = False  # a seeded choice: every process draws with the same generator
+
+
+INITS: Registry[Init] = Registry("init")
+
+
+def register_init(name: str, help: str, needs_generator: bool = False) -> Callable[[Selection], Selection]:
+    """Decorator: `select(k, r, generator)` becomes adapter.init `name` (recipes, --help, the cache key)."""
+    def add(select: Selection) -> Selection:
+        INITS.register(name, Init(help, select, needs_generator))
+        return select
+
+    return add
+
+
+@register_init("minor", "MiLoRA: the r smallest singular triplets")
+def _minor(k: int, r: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.arange(k - r, k)
+
+
+@register_init("principal", "PiSSA: the r largest singular triplets")
+def _principal(k: int, r: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.arange(0, r)
+
+
+@register_init("middle", "the r triplets in the middle of the spectrum")
+def _middle(k: int, r: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    start = (k - r) // 2
+    return torch.arange(start, start + r)
+
+
+@register_init("random", "r triplets drawn at random (seeded by adapter.seed)", needs_generator=True)
+def _random(k: int, r: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.sort(torch.randperm(k, generator=generator)[:r]).values
+
+
+INITS.register("lora", Init("PEFT's default LoRA init: Kaiming-uniform A, zero B; nothing to decompose", None))
+
+
+def _selection(init: str, generator: Optional[torch.Generator]) -> Selection:
+    entry = INITS[init]
+    if entry.select is None:
+        raise ValueError(f"init={init!r} selects no singular triplets (it is PEFT's own LoRA init); "
+                         f"decomposing inits: {[n for n in INITS if INITS[n].select is not None]}")
+    if entry.needs_generator and generator is None:
+        raise ValueError(f"init={init!r} needs seed= or generator= so that every process picks the same triplets")
+    return entry.select
+
+
+def select_indices(k: int, r: int, init: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Indices (into singular values sorted descending, 0..k-1) of the r triplets that `init` selects, ascending."""
+    return _selection(init, generator)(k, r, generator)
 
 
 def resolve_method(method: str, shape: tuple[int, int], device: torch.device) -> str:
@@ -113,7 +162,7 @@ def minor_factors(
     weight: torch.Tensor,
     r: int,
     scaling: float = 1.0,
-    mode: str = "minor",
+    init: str = "minor",
     method: str = "auto",
     generator: Optional[torch.Generator] = None,
     seed: Optional[int] = None,
@@ -121,37 +170,34 @@ def minor_factors(
     """Return fp32 (A, B), A: r x in, B: out x r, with scaling * B @ A = the selected rank-r part of W's SVD.
 
     weight: (out x in) float tensor, any float dtype, on any device (the result is on the same device).
-    mode: "minor" (MiLoRA: last r triplets), "principal" (PiSSA: first r), "middle", "random" (r triplets drawn
-      with `generator` or `seed`, kept in descending order of singular value).
+    init: a registered selection (INITS): "minor" (MiLoRA: last r triplets), "principal" (PiSSA: first r),
+      "middle", "random" (r triplets drawn with `generator` or `seed`, kept in descending order of singular value).
     method: "svd" (fp32 torch.linalg.svd), "gram" (fp64 Gram + eigh + Rayleigh-Ritz), "gesvda" (cuSOLVER's
       approximate SVD, CUDA only, inaccurate for small singular values: not for minor components of
       ill-conditioned matrices), "auto" (gram unless the matrix is small or the device lacks fp64).
     """
-    if mode == "random" and generator is None and seed is not None:
+    if generator is None and seed is not None and init in INITS and INITS[init].needs_generator:
         generator = torch.Generator().manual_seed(seed)
-    d = decompose(weight, r, scaling, mode, method, generator)
+    d = decompose(weight, r, scaling, init, method, generator)
     return d.A, d.B
 
 
 @torch.no_grad()
 def decompose(
-    weight: torch.Tensor, r: int, scaling: float, mode: str, method: str, generator: Optional[torch.Generator]
+    weight: torch.Tensor, r: int, scaling: float, init: str, method: str, generator: Optional[torch.Generator]
 ) -> Decomposition:
-    """minor_factors' work (same arguments, a generator for mode 'random'), with W's largest singular value and
+    """minor_factors' work (same arguments, a generator for a seeded init such as 'random'), with W's largest singular value and
     the route taken, which the init report needs."""
     check_weight(weight, r)
     if not (isinstance(scaling, (int, float)) and scaling > 0 and scaling != float("inf")):
         raise ValueError(f"scaling={scaling!r} must be a positive finite number (LoRA's alpha / r)")
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    select = _selection(init, generator)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or inf; fix the checkpoint before decomposing it")
-    if mode == "random" and generator is None:
-        raise ValueError("mode='random' needs seed= or generator= so that every process picks the same triplets")
 
     out_f, in_f = weight.shape
     k = min(out_f, in_f)
-    idx = select_indices(k, r, mode, generator)
+    idx = select(k, r, generator)
     route = resolve_method(method, (out_f, in_f), weight.device)
     if route == "gram":
         U, S, V, sigma_max = _gram_triplets(weight, idx)

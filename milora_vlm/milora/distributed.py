@@ -33,7 +33,7 @@ from milora_vlm import dist as ranks
 
 from . import cache as cache_mod
 from .cache import Factors
-from .decompose import decompose, init_health, resolve_method
+from .decompose import INITS, decompose, init_health, resolve_method
 from .targets import Target, full_weight, is_partitioned
 
 logger = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def _decompose_in_waves(
             if not errors.ok:
                 continue
             with errors.capture(f"target '{t.name}'"):
-                gen = _generator(config.seed, t.name) if config.init == "random" else None
+                gen = _generator(config.seed, t.name) if INITS[config.init].needs_generator else None
                 w = w.to(resolve_device(config.decompose_device, w))
                 d = decompose(w, config.r, config.scaling, config.init, config.method, gen)
                 local[i] = (d.A, d.B, d.sigma_max)

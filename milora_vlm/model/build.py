@@ -29,9 +29,10 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER
 
+from .projectors import PROJECTORS
+
 logger = logging.getLogger(__name__)
 
-PROJECTOR_ACT = {"mlp2x_gelu": "gelu", "linear": "linear"}
 # Vision towers we can compose with: model_type of their config -> (model class, extra tokens before the patches)
 VISION_TOWERS = {
     "clip": (CLIPVisionModel, 1),  # CLS token
@@ -102,7 +103,7 @@ def _projector_state_dict(path: str, projector: str) -> dict[str, torch.Tensor]:
         out[name] = value
     if not out:
         raise ValueError(f"model.projector_weights: {path} holds no mm_projector / multi_modal_projector tensors")
-    if "linear_2.weight" not in out and projector == "linear":
+    if "linear_2.weight" not in out and PROJECTORS[projector].single_linear:
         hidden = out["linear_1.weight"].shape[0]
         out["linear_2.weight"] = torch.eye(hidden, dtype=out["linear_1.weight"].dtype)
         out["linear_2.bias"] = torch.zeros(hidden, dtype=out["linear_1.weight"].dtype)
@@ -140,7 +141,7 @@ def compose_llava(
         vision_config=vcfg.to_dict(),
         text_config=lm.config.to_dict(),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER),
-        projector_hidden_act=PROJECTOR_ACT[projector],
+        projector_hidden_act=PROJECTORS[projector].hidden_act,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_seq_length=image_seq_length,

@@ -26,6 +26,8 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import AddedToken
 
+from .projectors import PROJECTORS
+
 IMAGE_TOKEN = "<image>"
 # Chat markers of the templates in milora_vlm.data.templates; registered as special tokens so that each is
 # one id, as in the real llama3 / chatml tokenizers.
@@ -202,7 +204,7 @@ def build_tiny_llava(
         vision_config=vision_cfg,
         text_config=text_cfg,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act={"mlp2x_gelu": "gelu", "linear": "linear"}[projector],
+        projector_hidden_act=PROJECTORS[projector].hidden_act,
         vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy=vision_feature_select_strategy,
         image_seq_length=image_seq_length,

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
+from milora_vlm.config import ConfigError, Recipe, describe_keys, load_recipe, parse_overrides, resolve_hardware
 from milora_vlm.data.dataset import NoTrainableRecords
 
 from . import distributed
@@ -52,41 +52,6 @@ def prepare_model_and_data(recipe: Recipe) -> None:
 
         compose_llava(m.language_model, m.vision_tower, m.path, m.projector, m.vision_feature_layer,
                       m.vision_feature_select_strategy, m.projector_weights)
-
-
-def _device_name() -> str:
-    if not torch.cuda.is_available():
-        return "CPU only"
-    major, minor = torch.cuda.get_device_capability()
-    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
-
-
-def resolve_hardware(recipe: Recipe) -> list[str]:
-    """Precision settings this machine cannot honour, settled before anything is loaded.
-
-    tf32 only changes how float32 matmuls run, so where it does not exist (CPU, pre-Ampere GPU) it is switched
-    off and said so; bf16 / fp16 change the numbers a run produces, so those are refused with the fix.
-    Returns the lines saying what was changed (the recipe is updated, so the saved recipe shows what ran).
-    """
-    from transformers.utils import is_torch_bf16_gpu_available, is_torch_tf32_available
-
-    t, notes = recipe.training, []
-    cuda = torch.cuda.is_available()
-    if t.get("tf32") and not is_torch_tf32_available():
-        t["tf32"] = False
-        notes.append(f"training.tf32: true needs an Ampere or newer NVIDIA GPU ({_device_name()}): running with "
-                     "tf32 false (it only changes float32 matmul speed)")
-    no_bf16 = cuda and not is_torch_bf16_gpu_available()
-    if t.get("bf16") and no_bf16:
-        raise ConfigError(f"training.bf16: true but this GPU has no bfloat16 ({_device_name()}); "
-                          "pass --training.bf16 false --training.fp16 true (or leave both unset to pick automatically)")
-    if recipe.model.dtype == "bfloat16" and no_bf16:
-        raise ConfigError(f"model.dtype: bfloat16 but this GPU has no bfloat16 ({_device_name()}); "
-                          "use --model.dtype auto (or float16 / float32)")
-    if t.get("fp16") and not cuda:
-        raise ConfigError("training.fp16: true needs a CUDA GPU (fp16 mixed precision has no CPU path); "
-                          "pass --training.fp16 false (a CPU run trains in float32)")
-    return notes
 
 
 def training_arguments(recipe: Recipe, node_local: bool = False):
@@ -251,8 +216,6 @@ def run(recipe: Recipe) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        from milora_vlm.config import describe_keys
-
         print(HELP + "\nRecipe keys (each also settable as --key value):\n" + describe_keys())
         return 0
     try:
