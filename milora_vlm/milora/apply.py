@@ -8,9 +8,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .combine import enable_weighted_combination
 from .config import MiLoRAConfig
 from .distributed import Factors, InitReport, compute_initial_factors, resolve_device
-from .offset import install_offset
+from .offset import install_offset, install_subtract
 from .targets import Target, find_targets, is_partitioned
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def apply_milora(model: nn.Module, config: MiLoRAConfig) -> PeftModel:
         set_initial_values(targets, factors, config)
         if config.residual == "subtract":  # W now holds W_res; save_milora needs B0 A0 to rebuild it from W
             peft_model.milora_subtract_factors = {n: (a.cpu(), b.cpu()) for n, (a, b) in factors.items()}
+    enable_weighted_combination(peft_model)
     peft_model.milora_config = config
     peft_model.milora_init_report = report
     return peft_model
@@ -95,6 +97,8 @@ def set_initial_values(targets: list[Target], factors: Factors, config: MiLoRACo
             install_offset(t.layer, ADAPTER)
     else:
         subtract_residual(targets, factors, config.scaling)
+        for t in targets:  # B0 / A0 kept on the layer for merge and get_delta_weight
+            install_subtract(t.layer, ADAPTER, *factors[t.name])
 
 
 @torch.no_grad()
