@@ -3,9 +3,10 @@
 Builds one LLaMA-shaped decoder stack (default: hidden 1024, intermediate 2752, 2 layers, 16 heads, a 256-token
 vocabulary so that the stack, not the LM head, dominates), wraps copies of it with a plain PEFT LoRA adapter
 (MiLoRAConfig init="lora") and with MiLoRA in both residual forms, all seven projections, r 64, fp32, and times
-forward + backward on a batch of 2 x 256 tokens. Every round times each variant once, in turn, so load changes on
-a shared machine hit all of them alike; the ratios are medians over rounds of (variant step / LoRA step in the
-same round). The load average is printed before and after.
+forward + backward on a batch of 2 x 256 tokens. Every round times each variant once, in a shuffled order, so load
+changes on a shared machine hit all of them alike; the ratios are medians (and quartiles) over rounds of
+(variant step / LoRA step in the same round), in wall time and in this process's CPU time. The load average is
+printed before and after.
 
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
@@ -20,6 +21,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import time
 
@@ -51,11 +53,13 @@ def tiny_llava():
     return build_tiny_llava(tokenizer)[0].float()
 
 
-def step(model, inputs) -> float:
-    t0 = time.perf_counter()
+def step(model, inputs) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward + backward. CPU time (this process, one thread) is far less disturbed by
+    other jobs on a shared machine than wall time; both are reported."""
+    w0, c0 = time.perf_counter(), time.process_time()
     loss = model(**inputs, labels=inputs["input_ids"]).loss
     loss.backward()
-    elapsed = time.perf_counter() - t0
+    elapsed = time.perf_counter() - w0, time.process_time() - c0
     model.zero_grad(set_to_none=True)
     return elapsed
 
@@ -69,14 +73,21 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         for m in models.values():
             step(m, inputs)
     times = {name: [] for name in models}
+    order = random.Random(0)
     for _ in range(rounds):
-        for name, m in models.items():
-            times[name].append(step(m, inputs))
-    out = {"lora_dropout": dropout, "lora_median_s": round(statistics.median(times["lora"]), 4)}
-    for name in ("offset", "subtract"):
-        ratios = [t / l for t, l in zip(times[name], times["lora"])]
-        out[f"{name}_ratio_median"] = round(statistics.median(ratios), 4)
-        out[f"{name}_ratio_of_medians"] = round(statistics.median(times[name]) / statistics.median(times["lora"]), 4)
+        names = list(models)
+        order.shuffle(names)  # no variant always runs right after the same other one
+        for name in names:
+            times[name].append(step(models[name], inputs))
+    out = {"lora_dropout": dropout}
+    for clock, i in (("wall", 0), ("cpu", 1)):
+        lora = [t[i] for t in times["lora"]]
+        out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
+        for name in ("offset", "subtract"):
+            ratios = [t[i] / l for t, l in zip(times[name], lora)]
+            q = statistics.quantiles(ratios, n=4)
+            out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),
+                                            "iqr": [round(q[0], 4), round(q[2], 4)]}
     return out
 
 
