@@ -56,7 +56,7 @@ def copy_processor(base: str | os.PathLike, output_dir: str | os.PathLike) -> st
 def export_merged(adapter_dir: str | os.PathLike, base: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Write a merged full checkpoint to output_dir; plain `from_pretrained` of the base's class loads it."""
     model = load_base_model(base)
-    # Offset form on the original W: merging then gives W + s (B A - B0 A0) via MiLoRAOffsetVariant.merge_safe
+    # Offset form on the original W: merging then gives W + s (B A - B0 A0) via the offset variant's merge_safe
     # (fp32, one cast) for either residual mode.
     peft_model = load_milora(model, adapter_dir, residual="offset")
     merged = peft_model.merge_and_unload(safe_merge=True)

@@ -125,36 +125,62 @@ def _dropout_active(dropout: nn.Module) -> bool:
     return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
 
 
-class MiLoRAOffsetVariant(LoraVariant):
-    """y = W x + s (B A dropout(x) - B0 A0 x).
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or the tensor's own dtype when wider (fp64 models keep their precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
-    The frozen path sees the un-dropped x, as W_res x does in the paper's form W_res x + s B A dropout(x); in eval
-    mode (no dropout) the output at step 0 is bit-identical to the base layer's.
-    """
+
+def _scaled_product(module: nn.Module, adapter: str) -> torch.Tensor:
+    """s B A in fp32 (or wider), in the base weight's layout."""
+    A, B = _wide(module.lora_A[adapter].weight), _wide(module.lora_B[adapter].weight)
+    return transpose(B @ A * module.scaling[adapter], module.fan_in_fan_out)
+
+
+def milora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
+    """s (B A - B0 A0) in fp32 (or wider) and the base weight's layout: what the adapter adds to the original W."""
+    A, B = _wide(module.lora_A[adapter].weight), _wide(module.lora_B[adapter].weight)
+    A0, B0 = frozen_factors(module, adapter)
+    delta = (B @ A - _wide(B0) @ _wide(A0)) * module.scaling[adapter]
+    return transpose(delta, module.fan_in_fan_out)
+
+
+def _add(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> torch.Tensor:
+    """weight + sign * delta, computed in fp32 (or the weight's own wider dtype) and cast once."""
+    wide = _wide(weight)
+    return (wide + sign * delta.to(wide.device, wide.dtype)).to(weight.dtype)
+
+
+class _MiLoRAVariant(LoraVariant):
+    """The weight algebra both forms share: merge adds `merge_delta` to the layer's weight, computed in fp32 and cast
+    once, unmerge subtracts it. PEFT calls these methods on the variant instance."""
+
+    merge_delta: Any  # staticmethod (module, adapter) -> fp32 delta in the base weight's layout
 
     def supports_lora_conversion(self) -> bool:
         return False  # PEFT's convert_to_lora does not know B0 A0; milora_vlm.export writes the rank-2r LoRA
 
     @staticmethod
     def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        """Nothing to do: install_offset sets the factors after the layer exists."""
+        """Nothing to do: install_offset / install_subtract set the factors after the layer exists."""
 
-    @staticmethod
-    def delta_weight(module: nn.Module, adapter: str) -> torch.Tensor:
-        """s (B A - B0 A0) in fp32, in the base weight's layout (transposed for Conv1D / fan_in_fan_out)."""
-        return milora_delta(module, adapter)
+    def merge_safe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return _add(orig_weight, self.merge_delta(module, active_adapter), 1.0)
 
-    @staticmethod
-    def merge_safe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return _add(orig_weight, milora_delta(module, active_adapter), 1.0)
+    def merge_unsafe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data.copy_(self.merge_safe(module, active_adapter, orig_weight.data))
 
-    @staticmethod
-    def merge_unsafe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data.copy_(MiLoRAOffsetVariant.merge_safe(module, active_adapter, orig_weight.data))
+    def unmerge(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return _add(orig_weight, self.merge_delta(module, active_adapter), -1.0)
 
-    @staticmethod
-    def unmerge(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return _add(orig_weight, milora_delta(module, active_adapter), -1.0)
+
+class MiLoRAOffsetVariant(_MiLoRAVariant):
+    """y = W x + s (B A dropout(x) - B0 A0 x); merging adds s (B A - B0 A0) to W.
+
+    The frozen path sees the un-dropped x, as W_res x does in the paper's form W_res x + s B A dropout(x); in eval
+    mode (no dropout) the output at step 0 is bit-identical to the base layer's.
+    """
+
+    merge_delta = staticmethod(milora_delta)
 
     @staticmethod
     def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -172,56 +198,17 @@ class MiLoRAOffsetVariant(LoraVariant):
         return result + _OffsetAdapter.apply(x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
 
 
-class MiLoRASubtractVariant(LoraVariant):
+class MiLoRASubtractVariant(_MiLoRAVariant):
     """The paper's form: the base layer holds W_res = W - s B0 A0 and the layer adds s B A dropout(x), exactly
-    PEFT's vanilla LoRA forward. The variant exists for the weight algebra: merge / unmerge add s B A to W_res, while
-    get_delta_weight reports the adapter's change of the original W, s (B A - B0 A0), like the offset form's."""
+    PEFT's vanilla LoRA forward; merging adds s B A to W_res. get_delta_weight (MiLoRALinear) still reports the
+    change of the original W, s (B A - B0 A0), as in the offset form."""
 
-    def supports_lora_conversion(self) -> bool:
-        return False
-
-    @staticmethod
-    def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        """Nothing to do: install_subtract sets the factors after W_res is written."""
-
-    @staticmethod
-    def merge_safe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return _add(orig_weight, _scaled_product(module, active_adapter), 1.0)
-
-    @staticmethod
-    def merge_unsafe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data.copy_(MiLoRASubtractVariant.merge_safe(module, active_adapter, orig_weight.data))
-
-    @staticmethod
-    def unmerge(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return _add(orig_weight, _scaled_product(module, active_adapter), -1.0)
+    merge_delta = staticmethod(_scaled_product)
 
     @staticmethod
     def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         return result + lora_B(lora_A(module.lora_dropout[active_adapter](x))) * module.scaling[active_adapter]
-
-
-def _scaled_product(module: nn.Module, adapter: str) -> torch.Tensor:
-    """s B A in fp32, in the base weight's layout."""
-    A = module.lora_A[adapter].weight.float()
-    B = module.lora_B[adapter].weight.float()
-    return transpose(B @ A * module.scaling[adapter], module.fan_in_fan_out)
-
-
-def milora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
-    """s (B A - B0 A0) in fp32 and the base weight's layout: what the adapter adds to the original W."""
-    A = module.lora_A[adapter].weight.float()
-    B = module.lora_B[adapter].weight.float()
-    A0, B0 = frozen_factors(module, adapter)
-    delta = (B @ A - B0.float() @ A0.float()) * module.scaling[adapter]
-    return transpose(delta, module.fan_in_fan_out)
-
-
-def _add(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> torch.Tensor:
-    """weight + sign * delta, computed in fp32 (or the weight's own wider dtype) and cast once."""
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    return (weight.to(wide) + sign * delta.to(weight.device, wide)).to(weight.dtype)
 
 
 class MiLoRALinear(LoraLinear):
