@@ -20,6 +20,7 @@ the original W, which is what add_weighted_adapter and other PEFT weight tools r
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -73,50 +74,52 @@ class _OffsetAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, A, B, A0, B0, scaling):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         ctx.dtypes = (x.dtype, x.dtype if x_lora is None else x_lora.dtype, A.dtype, B.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # one compute dtype for forward and backward
-            x, A, B, A0, B0 = (t.to(dtype) for t in (x, A, B, A0, B0))
-            fused = x_lora is None
+        ctx.shape, ctx.autocast = x.shape, autocast
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            # one compute dtype for forward and backward; 2-D views so that no GEMM operand needs a copy
+            x, A, B, A0, B0 = (t.to(dtype) for t in (x.reshape(-1, x.shape[-1]), A, B, A0, B0))
             r = A.shape[0]
-            if fused:
+            if x_lora is None:
                 Wa = torch.cat([A - A0, A0])  # (2r, in)
-                Wb = torch.cat([B, B - B0], dim=1) * scaling  # (out, 2r)
-                h = F.linear(x, Wa)  # [(A - A0) x, A0 x]
-                ax = h[..., :r] + h[..., r:]  # A x, for dB
+                Wb = torch.cat([B, B - B0], dim=1).mul_(scaling)  # (out, 2r)
+                h = x @ Wa.T  # [(A - A0) x, A0 x]
+                ax = h[:, :r] + h[:, r:]  # A x, for dB
                 ctx.save_for_backward(x, ax, Wa, Wb)
             else:
-                x_lora = x_lora.to(dtype)
-                Wb = torch.cat([B, -B0], dim=1) * scaling
-                ax = F.linear(x_lora, A)
-                h = torch.cat([ax, F.linear(x, A0)], dim=-1)
+                x_lora = x_lora.to(dtype).reshape(-1, x_lora.shape[-1])
+                Wb = torch.cat([B, -B0], dim=1).mul_(scaling)
+                ax = x_lora @ A.T
+                h = torch.cat([ax, x @ A0.T], dim=1)
                 ctx.save_for_backward(x_lora, ax, A, A0, Wb)
-            y = F.linear(h, Wb)
-        ctx.fused, ctx.r, ctx.scaling = fused, r, scaling
-        return y
+            y = h @ Wb.T
+        ctx.fused, ctx.r, ctx.scaling = x_lora is None, r, scaling
+        return y.reshape(*ctx.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        r, s = ctx.r, ctx.scaling
-        with torch.autocast(gy.device.type, enabled=False):
+        r, s, shape = ctx.r, ctx.scaling, ctx.shape
+        with torch.autocast(gy.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
             if ctx.fused:
                 x, ax, Wa, Wb = ctx.saved_tensors
             else:
                 x, ax, A, A0, Wb = ctx.saved_tensors
-            gy = gy.to(Wb.dtype)
-            gh = gy @ Wb  # (..., 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]
-            g2 = gy.reshape(-1, gy.shape[-1])
-            grad_A = gh[..., :r].reshape(-1, r).T @ x.reshape(-1, x.shape[-1])
-            grad_B = (g2.T @ ax.reshape(-1, r)) * s
+            gy = gy.reshape(-1, gy.shape[-1]).to(Wb.dtype)
+            gh = gy @ Wb  # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]
+            grad_A = gh[:, :r].T @ x
+            grad_B = (gy.T @ ax).mul_(s)
             grad_x = grad_x_lora = None
             if ctx.fused:
                 if ctx.needs_input_grad[0]:
-                    grad_x = gh @ Wa
+                    grad_x = (gh @ Wa).reshape(shape)
             else:
                 if ctx.needs_input_grad[0]:
-                    grad_x = gh[..., r:] @ A0
+                    grad_x = (gh[:, r:] @ A0).reshape(shape)
                 if ctx.needs_input_grad[1]:
-                    grad_x_lora = gh[..., :r] @ A
+                    grad_x_lora = (gh[:, :r] @ A).reshape(shape)
         grads = [None if g is None else g.to(d) for g, d in zip((grad_x, grad_x_lora, grad_A, grad_B), ctx.dtypes)]
         return (*grads, None, None, None)
 
