@@ -5,8 +5,9 @@ vocabulary so that the stack, not the LM head, dominates), wraps copies of it wi
 (MiLoRAConfig init="lora") and with MiLoRA in both residual forms, all seven projections, r 64, fp32, and times
 forward + backward on a batch of 2 x 256 tokens. Every round times each variant once, in a shuffled order, so load
 changes on a shared machine hit all of them alike; the ratios are medians (and quartiles) over rounds of
-(variant step / LoRA step in the same round), in wall time and in this process's CPU time. The load average is
-printed before and after.
+(variant step / LoRA step in the same round), in wall time and in this process's CPU time. A second plain LoRA
+(lora_control) is timed like the others: its ratio to LoRA shows how far the machine's noise alone moves a ratio.
+The load average is printed before and after.
 
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
@@ -30,7 +31,8 @@ import torch
 from milora_vlm.milora import MiLoRAConfig, apply_milora
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = {"lora": {"init": "lora"}, "offset": {"init": "minor", "residual": "offset"},
+# lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
+VARIANTS = {"lora": {"init": "lora"}, "lora_control": {"init": "lora"}, "offset": {"init": "minor", "residual": "offset"},
             "subtract": {"init": "minor", "residual": "subtract"}}
 
 
@@ -83,7 +85,7 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
     for clock, i in (("wall", 0), ("cpu", 1)):
         lora = [t[i] for t in times["lora"]]
         out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
-        for name in ("offset", "subtract"):
+        for name in ("offset", "subtract", "lora_control"):
             ratios = [t[i] / l for t, l in zip(times[name], lora)]
             q = statistics.quantiles(ratios, n=4)
             out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),

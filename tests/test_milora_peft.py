@@ -169,11 +169,13 @@ def test_fused_offset_step0_bit_identical_in_eval_and_without_dropout(tiny_causa
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_offset_gradients_are_the_paper_form(tiny_causal_lm_dir, dropout):
+@pytest.mark.parametrize("alpha", [4, 8])  # scaling 1 (skips the multiplication) and 2
+def test_fused_offset_gradients_are_the_paper_form(tiny_causal_lm_dir, dropout, alpha):
     """Loss, input gradient and adapter gradients equal those of the paper's W_res form (subtract) with the same
     A, B away from A0, B0 and the same dropout masks."""
-    offset, inputs = trained("offset", tiny_causal_lm_dir)
-    subtract = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", residual="subtract"))
+    offset, inputs = trained("offset", tiny_causal_lm_dir, lora_alpha=alpha)
+    subtract = apply_milora(load_model("llama", tiny_causal_lm_dir),
+                            milora_config("llama", residual="subtract", lora_alpha=alpha))
     with torch.no_grad():
         for t_off, t_sub in zip(find_targets(offset), find_targets(subtract)):
             for part in ("lora_A", "lora_B"):

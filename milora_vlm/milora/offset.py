@@ -81,17 +81,17 @@ class _OffsetAdapter(torch.autograd.Function):
         ctx.shape, ctx.autocast = x.shape, autocast
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             # one compute dtype for forward and backward; 2-D views so that no GEMM operand needs a copy
-            x, A, B, A0, B0 = (t.to(dtype) for t in (x.reshape(-1, x.shape[-1]), A, B, A0, B0))
+            x, A, B, A0, B0 = (_as(t, dtype) for t in (x.reshape(-1, x.shape[-1]), A, B, A0, B0))
             r = A.shape[0]
             if x_lora is None:
                 Wa = torch.cat([A - A0, A0])  # (2r, in)
-                Wb = torch.cat([B, B - B0], dim=1).mul_(scaling)  # (out, 2r)
+                Wb = _scaled(torch.cat([B, B - B0], dim=1), scaling)  # (out, 2r)
                 h = x @ Wa.T  # [(A - A0) x, A0 x]
                 ax = h[:, :r] + h[:, r:]  # A x, for dB
                 ctx.save_for_backward(x, ax, Wa, Wb)
             else:
-                x_lora = x_lora.to(dtype).reshape(-1, x_lora.shape[-1])
-                Wb = torch.cat([B, -B0], dim=1).mul_(scaling)
+                x_lora = _as(x_lora, dtype).reshape(-1, x_lora.shape[-1])
+                Wb = _scaled(torch.cat([B, -B0], dim=1), scaling)
                 ax = x_lora @ A.T
                 h = torch.cat([ax, x @ A0.T], dim=1)
                 ctx.save_for_backward(x_lora, ax, A, A0, Wb)
@@ -107,10 +107,10 @@ class _OffsetAdapter(torch.autograd.Function):
                 x, ax, Wa, Wb = ctx.saved_tensors
             else:
                 x, ax, A, A0, Wb = ctx.saved_tensors
-            gy = gy.reshape(-1, gy.shape[-1]).to(Wb.dtype)
+            gy = _as(gy.reshape(-1, gy.shape[-1]), Wb.dtype)
             gh = gy @ Wb  # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]
             grad_A = gh[:, :r].T @ x
-            grad_B = (gy.T @ ax).mul_(s)
+            grad_B = _scaled(gy.T @ ax, s)
             grad_x = grad_x_lora = None
             if ctx.fused:
                 if ctx.needs_input_grad[0]:
@@ -120,8 +120,18 @@ class _OffsetAdapter(torch.autograd.Function):
                     grad_x = (gh[:, r:] @ A0).reshape(shape)
                 if ctx.needs_input_grad[1]:
                     grad_x_lora = (gh[:, :r] @ A).reshape(shape)
-        grads = [None if g is None else g.to(d) for g, d in zip((grad_x, grad_x_lora, grad_A, grad_B), ctx.dtypes)]
+        grads = [None if g is None else _as(g, d) for g, d in zip((grad_x, grad_x_lora, grad_A, grad_B), ctx.dtypes)]
         return (*grads, None, None, None)
+
+
+# At the tiny recipe's sizes a step is dominated by per-op overhead: skip the no-op casts and the scaling by 1
+# (alpha = r, the paper's MiLoRA setting).
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    return t if scaling == 1 else t.mul_(scaling)
 
 
 def _dropout_active(dropout: nn.Module) -> bool:
