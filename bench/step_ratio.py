@@ -29,11 +29,21 @@ import time
 import torch
 
 from milora_vlm.milora import MiLoRAConfig, apply_milora
+from milora_vlm.milora.offset import MiLoRAOffsetVariant, unfused_offset
+from milora_vlm.milora.targets import find_targets
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
+# offset_unfused computes the offset form through the LoRA modules and autograd (offset.unfused_offset, the
+# implementation before the fused _OffsetAdapter and still the ZeRO-3 path), for the before / after comparison.
 VARIANTS = {"lora": {"init": "lora"}, "lora_control": {"init": "lora"}, "offset": {"init": "minor", "residual": "offset"},
-            "subtract": {"init": "minor", "residual": "subtract"}}
+            "offset_unfused": {"init": "minor", "residual": "offset"}, "subtract": {"init": "minor", "residual": "subtract"}}
+
+
+class _UnfusedOffset(MiLoRAOffsetVariant):
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        return unfused_offset(module, active_adapter, x, result)
 
 
 def llama_stack(hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0):
@@ -71,6 +81,9 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
     for name, kw in VARIANTS.items():
         cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, **kw)
         models[name] = apply_milora(copy.deepcopy(base), cfg).train()
+        if name == "offset_unfused":
+            for t in find_targets(models[name]):
+                t.layer.lora_variant["default"] = _UnfusedOffset()
     for _ in range(warmup):
         for m in models.values():
             step(m, inputs)
@@ -85,7 +98,7 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
     for clock, i in (("wall", 0), ("cpu", 1)):
         lora = [t[i] for t in times["lora"]]
         out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
-        for name in ("offset", "subtract", "lora_control"):
+        for name in ("offset", "offset_unfused", "subtract", "lora_control"):
             ratios = [t[i] / l for t, l in zip(times[name], lora)]
             q = statistics.quantiles(ratios, n=4)
             out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),

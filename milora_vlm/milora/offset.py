@@ -203,12 +203,19 @@ class MiLoRAOffsetVariant(_MiLoRAVariant):
         A0, B0 = frozen_factors(module, active_adapter)
         scaling = module.scaling[active_adapter]
         if is_partitioned(lora_A.weight) or lora_B.bias is not None:
-            # ZeRO-3 gathers lora_A / lora_B only when their own forward runs: call the modules (unfused path).
-            adapted = lora_B(lora_A(dropout(x)))
-            frozen = F.linear(F.linear(x, A0.to(x.dtype)), B0.to(x.dtype))
-            return result + (adapted - frozen) * scaling
+            # ZeRO-3 gathers lora_A / lora_B only when their own forward runs: call the modules.
+            return unfused_offset(module, active_adapter, x, result)
         x_lora = dropout(x) if _dropout_active(dropout) else None
         return result + _OffsetAdapter.apply(x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
+
+
+def unfused_offset(module: nn.Module, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """The same function through the LoRA modules and autograd: four GEMMs each way (the ZeRO-3 path; also the
+    reference that bench/step_ratio.py times the fused one against)."""
+    A0, B0 = frozen_factors(module, adapter)
+    adapted = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](x)))
+    frozen = F.linear(F.linear(x, A0.to(x.dtype)), B0.to(x.dtype))
+    return result + (adapted - frozen) * module.scaling[adapter]
 
 
 class MiLoRASubtractVariant(_MiLoRAVariant):
