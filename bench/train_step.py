@@ -8,6 +8,8 @@ MiLoRA-vs-LoRA step-time overhead and CPU regressions can be tracked in BENCHMAR
     python bench/train_step.py --config configs/llava15_7b_milora.yaml --num-gpus 1 --steps 20
 
 The tiny recipe builds its own model and data (`bootstrap: tiny`). On CPU, OMP_NUM_THREADS=1 per process.
+Runs follow one another, minutes apart, so on a shared machine their ratios carry the load's drift: the
+MiLoRA / LoRA step-time ratios come from bench/step_ratio.py, which interleaves the variants in one process.
 """
 
 from __future__ import annotations

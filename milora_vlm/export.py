@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-from .milora.persist import load_milora, read_init_factors, read_milora_meta
+from .milora.persist import load_milora, read_init_factors, read_lora_config, read_milora_meta
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ def copy_processor(base: str | os.PathLike, output_dir: str | os.PathLike) -> st
 def export_merged(adapter_dir: str | os.PathLike, base: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Write a merged full checkpoint to output_dir; plain `from_pretrained` of the base's class loads it."""
     model = load_base_model(base)
-    # Offset form on the original W: merging then gives W + s (B A - B0 A0) via MiLoRAOffsetVariant.merge_safe
+    # Offset form on the original W: merging then gives W + s (B A - B0 A0) via the offset variant's merge_safe
     # (fp32, one cast) for either residual mode.
     peft_model = load_milora(model, adapter_dir, residual="offset")
     merged = peft_model.merge_and_unload(safe_merge=True)
@@ -71,7 +70,7 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     """Write the rank-2r plain LoRA adapter (A' = [A; A0], B' = [B, -B0], alpha' = 2 alpha) to output_dir."""
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     meta = read_milora_meta(adapter_dir)
-    lora_cfg = LoraConfig.from_pretrained(str(adapter_dir))
+    lora_cfg = read_lora_config(adapter_dir, meta)  # the real config: PEFT's loader refuses a MiLoRA one
     if lora_cfg.rank_pattern or lora_cfg.alpha_pattern or lora_cfg.use_rslora:
         raise ValueError(f"{adapter_dir}: rank_pattern / alpha_pattern / rslora adapters are not MiLoRA's; cannot export")
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -438,11 +438,6 @@ def test_subtract_keeps_fp64_precision(tiny_causal_lm_dir):
     torch.testing.assert_close(logits(model, inputs), ref, rtol=0, atol=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="milora/offset.py (engineer i13core's rewrite) merges and unmerges through fp32; remove this marker "
-    "once it computes in the weight's own precision",
-)
 def test_merge_unmerge_keep_fp64_precision(tiny_causal_lm_dir):
     model = apply_milora(load_model("llama", tiny_causal_lm_dir, torch.float64), milora_config("llama", lora_dropout=0.0))
     inputs = batch("llama", model)

@@ -76,6 +76,19 @@ def assert_reloads_to_reference(output_dir, base_dir):
         logits = model(**batch).logits
     torch.testing.assert_close(logits, ref["logits"], rtol=1e-5, atol=1e-5)
     assert (base_logits - ref["logits"]).abs().max() > 1e-3  # training changed the function
+    assert_plain_peft_refuses(output_dir, base_dir)
+
+
+def assert_plain_peft_refuses(output_dir, base_dir):
+    """Plain PEFT never loads a run's adapter directories silently wrong: it refuses, naming load_milora."""
+    from peft import PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
+    dirs = [Path(output_dir), *sorted(Path(output_dir).glob("checkpoint-*"))]
+    for adapter_dir in dirs:
+        with pytest.raises(ValueError, match="MILORA_ADAPTER.*load_milora"):
+            PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from .combine import enable_weighted_combination
 from .config import MiLoRAConfig
 from .distributed import Factors, InitReport, compute_initial_factors, resolve_device
-from .offset import install_offset
+from .offset import install_offset, install_subtract
 from .targets import Target, find_targets, is_partitioned, vision_tower_exclusion
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def _apply(model: nn.Module, config: MiLoRAConfig) -> PeftModel:
         set_initial_values(targets, factors, config)
         if config.residual == "subtract":
             record_subtract(peft_model, factors)
+    enable_weighted_combination(peft_model)
     peft_model.milora_config = config
     peft_model.milora_init_report = report
     return peft_model
@@ -168,6 +170,8 @@ def set_initial_values(targets: list[Target], factors: Factors, config: MiLoRACo
             install_offset(t.layer, ADAPTER)
     else:
         subtract_residual(targets, factors, config.scaling)
+        for t in targets:  # B0 / A0 kept on the layer for merge and get_delta_weight
+            install_subtract(t.layer, ADAPTER, *factors[t.name])
 
 
 @torch.no_grad()

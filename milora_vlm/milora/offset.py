@@ -1,4 +1,6 @@
-"""The "offset" residual as a PEFT LoRA variant: y = W x + s (B A x - B0 A0 x), W untouched, B0 A0 frozen.
+"""MiLoRA's two residual forms as PEFT LoRA variants, and the layer class that gives PEFT their true delta weight.
+
+The "offset" residual: y = W x + s (B A x - B0 A0 x), W untouched, B0 A0 frozen.
 
 PEFT's LoRA layer calls `layer.lora_variant[adapter].forward(...)` in place of its vanilla `result + s B A x`;
 this variant adds s * (B A x - B0 A0 x). At step 0 A == A0 and B == B0 bit for bit, so the two products are the
@@ -7,18 +9,28 @@ any dtype (adding +s B0 A0 x to W x and then subtracting it again would round). 
 LoRA's, and the frozen path gives x the gradient of -s B0 A0 x: the same function and gradients as the paper's
 W_res = W - s B0 A0, without rounding W_res into the base dtype.
 
-PEFT has no hook for a frozen offset (its PiSSA/MiLoRA-style inits rewrite W), hence this small variant.
+PEFT has no hook for a frozen offset (its PiSSA/MiLoRA-style inits rewrite W), hence this small variant; its
+training-time product is a hand-written autograd Function (_OffsetAdapter) so that both paths cost two GEMMs
+each way instead of four.
+
+The "subtract" residual (the paper's W_res in the base weight) computes PEFT's vanilla LoRA forward; its variant
+only supplies merge / unmerge. In both forms get_delta_weight (MiLoRALinear) is s (B A - B0 A0), the change of
+the original W, which is what add_weighted_adapter and other PEFT weight tools read.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
+
+from .targets import is_partitioned
 
 # Attribute of the PEFT LoRA layer holding {adapter_name: _FrozenFactors}. The holder's buffers are not persistent:
 # PEFT's adapter file stays a plain LoRA file and the factors travel in milora_init.safetensors (save_milora).
@@ -40,45 +52,148 @@ def frozen_factors(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.
 
 
 def has_offset(layer: nn.Module, adapter: str) -> bool:
-    return hasattr(layer, FROZEN_ATTR) and adapter in getattr(layer, FROZEN_ATTR)
+    """True when the layer computes the offset form (subtract-form layers also hold B0 / A0, for merging)."""
+    return (
+        hasattr(layer, FROZEN_ATTR)
+        and adapter in getattr(layer, FROZEN_ATTR)
+        and isinstance(layer.lora_variant.get(adapter), MiLoRAOffsetVariant)
+    )
 
 
-class MiLoRAOffsetVariant(LoraVariant):
-    """y = W x + s (B A dropout(x) - B0 A0 x).
+class _OffsetAdapter(torch.autograd.Function):
+    """s (B A x_lora - B0 A0 x) with two GEMMs forward and two backward for the pair of paths (issue 17).
 
-    The frozen path sees the un-dropped x, as W_res x does in the paper's form W_res x + s B A dropout(x); in eval
-    mode (no dropout) the output at step 0 is bit-identical to the base layer's.
+    x_lora is x (no dropout) or dropout(x). Without dropout the product is taken in delta form,
+        B A - B0 A0 = B (A - A0) + (B - B0) A0  =  [B, B - B0] @ [A - A0; A0],
+    so one GEMM over the stacked [A - A0; A0] and one over [B, B - B0] compute both paths, and at step 0 (A - A0 and
+    B - B0 exactly 0) the output is exactly 0 whatever order the GEMMs sum in: the layer's output stays the base
+    output bit for bit. With dropout the inputs differ, so A x_lora and A0 x are two GEMMs and [B, -B0] is one.
+    The gradients are written out (autograd would keep the intermediates of both forms): the paper's
+    dA = s B^T g x_lora^T, dB = s g (A x_lora)^T, and dx = s (B A - B0 A0)^T g (split by path with dropout).
     """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, A, B, A0, B0, scaling):
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        ctx.dtypes = (x.dtype, x.dtype if x_lora is None else x_lora.dtype, A.dtype, B.dtype)
+        ctx.shape, ctx.autocast = x.shape, autocast
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
+            # one compute dtype for forward and backward; 2-D views so that no GEMM operand needs a copy
+            x, A, B, A0, B0 = (_as(t, dtype) for t in (x.reshape(-1, x.shape[-1]), A, B, A0, B0))
+            r = A.shape[0]
+            if x_lora is None:
+                Wa = torch.cat([A - A0, A0])  # (2r, in)
+                Wb = _scaled(torch.cat([B, B - B0], dim=1), scaling)  # (out, 2r)
+                h = x @ Wa.T  # [(A - A0) x, A0 x]
+                ax = h[:, :r] + h[:, r:]  # A x, for dB
+                ctx.save_for_backward(x, ax, Wa, Wb)
+            else:
+                x_lora = _as(x_lora, dtype).reshape(-1, x_lora.shape[-1])
+                Wb = _scaled(torch.cat([B, -B0], dim=1), scaling)
+                ax = x_lora @ A.T
+                h = torch.cat([ax, x @ A0.T], dim=1)
+                ctx.save_for_backward(x_lora, ax, A, A0, Wb)
+            y = h @ Wb.T
+        ctx.fused, ctx.r, ctx.scaling = x_lora is None, r, scaling
+        return y.reshape(*ctx.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        r, s, shape = ctx.r, ctx.scaling, ctx.shape
+        with torch.autocast(gy.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
+            if ctx.fused:
+                x, ax, Wa, Wb = ctx.saved_tensors
+            else:
+                x, ax, A, A0, Wb = ctx.saved_tensors
+            gy = _as(gy.reshape(-1, gy.shape[-1]), Wb.dtype)
+            gh = gy @ Wb  # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]
+            grad_A = gh[:, :r].T @ x
+            grad_B = _scaled(gy.T @ ax, s)
+            grad_x = grad_x_lora = None
+            if ctx.fused:
+                if ctx.needs_input_grad[0]:
+                    grad_x = (gh @ Wa).reshape(shape)
+            else:
+                if ctx.needs_input_grad[0]:
+                    grad_x = (gh[:, r:] @ A0).reshape(shape)
+                if ctx.needs_input_grad[1]:
+                    grad_x_lora = (gh[:, :r] @ A).reshape(shape)
+        grads = [None if g is None else _as(g, d) for g, d in zip((grad_x, grad_x_lora, grad_A, grad_B), ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+# At the tiny recipe's sizes a step is dominated by per-op overhead: skip the no-op casts and the scaling by 1
+# (alpha = r, the paper's MiLoRA setting).
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(t: torch.Tensor, scaling: float) -> torch.Tensor:
+    return t if scaling == 1 else t.mul_(scaling)
+
+
+def _dropout_active(dropout: nn.Module) -> bool:
+    return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """fp32, or the tensor's own dtype when wider (fp64 models keep their precision)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _scaled_product(module: nn.Module, adapter: str) -> torch.Tensor:
+    """s B A in fp32 (or wider), in the base weight's layout."""
+    A, B = _wide(module.lora_A[adapter].weight), _wide(module.lora_B[adapter].weight)
+    return transpose(B @ A * module.scaling[adapter], module.fan_in_fan_out)
+
+
+def milora_delta(module: nn.Module, adapter: str) -> torch.Tensor:
+    """s (B A - B0 A0) in fp32 (or wider) and the base weight's layout: what the adapter adds to the original W."""
+    A, B = _wide(module.lora_A[adapter].weight), _wide(module.lora_B[adapter].weight)
+    A0, B0 = frozen_factors(module, adapter)
+    delta = (B @ A - _wide(B0) @ _wide(A0)) * module.scaling[adapter]
+    return transpose(delta, module.fan_in_fan_out)
+
+
+def _add(weight: torch.Tensor, delta: torch.Tensor, sign: float) -> torch.Tensor:
+    """weight + sign * delta, computed in fp32 (or the weight's own wider dtype) and cast once."""
+    wide = _wide(weight)
+    return (wide + sign * delta.to(wide.device, wide.dtype)).to(weight.dtype)
+
+
+class _MiLoRAVariant(LoraVariant):
+    """The weight algebra both forms share: merge adds `merge_delta` to the layer's weight, computed in fp32 and cast
+    once, unmerge subtracts it. PEFT calls these methods on the variant instance."""
+
+    merge_delta: Any  # staticmethod (module, adapter) -> fp32 delta in the base weight's layout
 
     def supports_lora_conversion(self) -> bool:
         return False  # PEFT's convert_to_lora does not know B0 A0; milora_vlm.export writes the rank-2r LoRA
 
     @staticmethod
     def init(module: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        """Nothing to do: install_offset sets the factors after the layer exists."""
+        """Nothing to do: install_offset / install_subtract set the factors after the layer exists."""
 
-    @staticmethod
-    def delta_weight(module: nn.Module, adapter: str) -> torch.Tensor:
-        """s (B A - B0 A0) in fp32, in the base weight's layout (transposed for Conv1D / fan_in_fan_out)."""
-        A = module.lora_A[adapter].weight.float()
-        B = module.lora_B[adapter].weight.float()
-        A0, B0 = frozen_factors(module, adapter)
-        delta = (B @ A - B0.float() @ A0.float()) * module.scaling[adapter]
-        return transpose(delta, module.fan_in_fan_out)
+    def merge_safe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return _add(orig_weight, self.merge_delta(module, active_adapter), 1.0)
 
-    @staticmethod
-    def merge_safe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        delta = MiLoRAOffsetVariant.delta_weight(module, active_adapter).to(orig_weight.device)
-        return (orig_weight.float() + delta).to(orig_weight.dtype)  # computed in fp32, cast once
+    def merge_unsafe(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data.copy_(self.merge_safe(module, active_adapter, orig_weight.data))
 
-    @staticmethod
-    def merge_unsafe(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data.copy_(MiLoRAOffsetVariant.merge_safe(module, active_adapter, orig_weight.data))
+    def unmerge(self, module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return _add(orig_weight, self.merge_delta(module, active_adapter), -1.0)
 
-    @staticmethod
-    def unmerge(module: nn.Module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        delta = MiLoRAOffsetVariant.delta_weight(module, active_adapter).to(orig_weight.device)
-        return (orig_weight.float() - delta).to(orig_weight.dtype)
+
+class MiLoRAOffsetVariant(_MiLoRAVariant):
+    """y = W x + s (B A dropout(x) - B0 A0 x); merging adds s (B A - B0 A0) to W.
+
+    The frozen path sees the un-dropped x, as W_res x does in the paper's form W_res x + s B A dropout(x); in eval
+    mode (no dropout) the output at step 0 is bit-identical to the base layer's.
+    """
+
+    merge_delta = staticmethod(milora_delta)
 
     @staticmethod
     def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -86,19 +201,62 @@ class MiLoRAOffsetVariant(LoraVariant):
         lora_B = module.lora_B[active_adapter]
         dropout = module.lora_dropout[active_adapter]
         A0, B0 = frozen_factors(module, active_adapter)
-        adapted = lora_B(lora_A(dropout(x)))
-        frozen = F.linear(F.linear(x, A0.to(x.dtype)), B0.to(x.dtype))
-        return result + (adapted - frozen) * module.scaling[active_adapter]
+        scaling = module.scaling[active_adapter]
+        if is_partitioned(lora_A.weight) or lora_B.bias is not None:
+            # ZeRO-3 gathers lora_A / lora_B only when their own forward runs: call the modules.
+            return unfused_offset(module, active_adapter, x, result)
+        x_lora = dropout(x) if _dropout_active(dropout) else None
+        return result + _OffsetAdapter.apply(x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
 
 
-def install_offset(
-    layer: nn.Module, adapter: str, A0: torch.Tensor | None = None, B0: torch.Tensor | None = None
-) -> None:
-    """Register frozen A0 / B0 on a PEFT LoRA layer and switch it to the offset variant.
+def unfused_offset(module: nn.Module, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """The same function through the LoRA modules and autograd: four GEMMs each way (the ZeRO-3 path; also the
+    reference that bench/step_ratio.py times the fused one against)."""
+    A0, B0 = frozen_factors(module, adapter)
+    adapted = module.lora_B[adapter](module.lora_A[adapter](module.lora_dropout[adapter](x)))
+    frozen = F.linear(F.linear(x, A0.to(x.dtype)), B0.to(x.dtype))
+    return result + (adapted - frozen) * module.scaling[adapter]
+
+
+class MiLoRASubtractVariant(_MiLoRAVariant):
+    """The paper's form: the base layer holds W_res = W - s B0 A0 and the layer adds s B A dropout(x), exactly
+    PEFT's vanilla LoRA forward; merging adds s B A to W_res. get_delta_weight (MiLoRALinear) still reports the
+    change of the original W, s (B A - B0 A0), as in the offset form."""
+
+    merge_delta = staticmethod(_scaled_product)
+
+    @staticmethod
+    def forward(module: nn.Module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        return result + lora_B(lora_A(module.lora_dropout[active_adapter](x))) * module.scaling[active_adapter]
+
+
+class MiLoRALinear(LoraLinear):
+    """PEFT's LoRA Linear whose get_delta_weight knows MiLoRA's frozen term.
+
+    PEFT's own get_delta_weight returns s B A and ignores the layer's variant; merge / unmerge go through the
+    variant, but add_weighted_adapter's svd combinations and other tools call get_delta_weight directly. MiLoRA
+    layers are switched to this class (same state, one method more) by install_offset / install_subtract.
+    """
+
+    def get_delta_weight(self, adapter) -> torch.Tensor:
+        if isinstance(self.lora_variant.get(adapter), (MiLoRAOffsetVariant, MiLoRASubtractVariant)):
+            return milora_delta(self, adapter).to(self.lora_B[adapter].weight.dtype)
+        return super().get_delta_weight(adapter)
+
+
+def _as_milora_layer(layer: nn.Module) -> None:
+    if type(layer) is LoraLinear:
+        layer.__class__ = MiLoRALinear
+    elif not isinstance(layer, MiLoRALinear):
+        raise TypeError(f"MiLoRA adapts PEFT LoRA Linear layers; got {type(layer).__name__}")
+
+
+def _install_factors(layer: nn.Module, adapter: str, A0: torch.Tensor | None, B0: torch.Tensor | None) -> None:
+    """Register frozen A0 / B0 buffers on a PEFT LoRA layer, in the adapter weights' own dtype and device.
 
     Without A0 / B0 the layer's current lora_A / lora_B values are frozen (what apply_milora does right after
-    setting them). The buffers take the adapter weights' own dtype and device, which is what makes the step-0
-    difference exactly zero.
+    setting them); matching dtype and device is what makes the step-0 difference exactly zero.
     """
     ref_A, ref_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     A0 = (ref_A.detach() if A0 is None else A0).to(device=ref_A.device, dtype=ref_A.dtype).clone()
@@ -106,4 +264,20 @@ def install_offset(
     if not hasattr(layer, FROZEN_ATTR):
         setattr(layer, FROZEN_ATTR, nn.ModuleDict())
     getattr(layer, FROZEN_ATTR)[adapter] = _FrozenFactors(A0, B0)
+    _as_milora_layer(layer)
+
+
+def install_subtract(
+    layer: nn.Module, adapter: str, A0: torch.Tensor | None = None, B0: torch.Tensor | None = None
+) -> None:
+    """Record A0 / B0 on a layer whose base weight already holds W_res, for merge / get_delta_weight."""
+    _install_factors(layer, adapter, A0, B0)
+    layer.lora_variant[adapter] = MiLoRASubtractVariant()
+
+
+def install_offset(
+    layer: nn.Module, adapter: str, A0: torch.Tensor | None = None, B0: torch.Tensor | None = None
+) -> None:
+    """Register frozen A0 / B0 on a PEFT LoRA layer (see _install_factors) and switch it to the offset variant."""
+    _install_factors(layer, adapter, A0, B0)
     layer.lora_variant[adapter] = MiLoRAOffsetVariant()

@@ -1,13 +1,19 @@
 """Saving and restoring a MiLoRA adapter: PEFT's own adapter files plus the frozen initial factors.
 
 An adapter directory holds
-  adapter_config.json, adapter_model.safetensors   PEFT's LoRA files (A, B, modules_to_save), unchanged format
+  adapter_config.json, adapter_model.safetensors   PEFT's LoRA files (A, B, modules_to_save); the config's
+                                                   task_type is REFUSAL (below) unless init is "lora"
   milora_init.safetensors                          "<module>.A0" (r x in), "<module>.B0" (out x r), fp32
-  milora_config.json                               {"format": ..., "milora": MiLoRAConfig fields, "targets": [...]}
+  milora_config.json                               {"format": ..., "milora": MiLoRAConfig fields, "targets": [...],
+                                                    "peft_task_type": the LoRA config's real task_type}
 With B0 A0 and the original base weights, load_milora rebuilds the exact trained function in either residual
 form (the subtract form's W_res is recomputed from W, not stored: it would be a full copy of the targets).
-A vanilla PEFT load of these files alone gives W x + s B A x, without the - s B0 A0 x term: use load_milora, or
-milora_vlm.export for a plain LoRA / merged checkpoint.
+
+A plain PEFT load of these files alone would give W x + s B A x, without the - s B0 A0 x term: silently wrong
+outputs. So the saved adapter_config.json carries a task_type that PEFT's own config check (PeftConfig.__post_init__,
+run by PeftModel.from_pretrained, load_adapter, transformers' load_adapter, AutoPeftModel, PeftConfig.from_pretrained)
+rejects, with REFUSAL in its error message: use load_milora, or milora_vlm.export for a plain rank-2r LoRA /
+merged checkpoint. init="lora" adapters (B0 A0 = 0) are plain LoRA adapters and stay loadable.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -27,15 +34,24 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from milora_vlm import dist as ranks
 
-from .apply import ADAPTER, subtract_residual
+from .apply import ADAPTER, record_subtract, subtract_residual
+from .combine import enable_weighted_combination
 from .config import MiLoRAConfig
 from .distributed import Factors
-from .offset import frozen_factors, has_offset, install_offset
+from .offset import frozen_factors, has_offset, install_offset, install_subtract
 from .targets import find_targets, is_partitioned
 
 INIT_FILE = "milora_init.safetensors"
 META_FILE = "milora_config.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
 FORMAT = "milora-vlm/1"
+# The task_type written into a MiLoRA adapter_config.json: PEFT refuses it and prints it ("Invalid task type: ...").
+REFUSAL = (
+    "MILORA_ADAPTER -- not a plain LoRA adapter: its function W + s(BA - B0A0) needs the frozen factors in "
+    f"{INIT_FILE}, which plain PEFT would drop (silently wrong outputs). Load it with "
+    "milora_vlm.milora.load_milora(base_model, adapter_dir), or export it with scripts/export_adapter.py "
+    "(--to lora: a plain rank-2r LoRA that PeftModel.from_pretrained loads exactly; --to merged: a full model)"
+)
 
 
 def initial_factors(peft_model: PeftModel) -> Factors:
@@ -66,12 +82,44 @@ def write_init_files(peft_model: PeftModel, output_dir: str | os.PathLike) -> No
             tensors[f"{name}.A0"] = A0.contiguous()
             tensors[f"{name}.B0"] = B0.contiguous()
         save_file(tensors, str(output_dir / INIT_FILE), metadata={"format": FORMAT})
+    peft_config = peft_model.peft_config[ADAPTER]
     meta = {
         "format": FORMAT,
         "milora": dataclasses.asdict(config),
         "targets": [t.name for t in find_targets(peft_model, ADAPTER)],
+        "peft_task_type": None if peft_config.task_type is None else str(peft_config.task_type),
     }
     (output_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if config.init != "lora":
+        _mark_refused(output_dir / PEFT_CONFIG_FILE)
+
+
+def _mark_refused(path: Path) -> None:
+    """Rewrite PEFT's adapter_config.json with task_type = REFUSAL (atomically: never a half-written config)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: write PEFT's adapter files before the MiLoRA ones")
+    d = json.loads(path.read_text())
+    d["task_type"] = REFUSAL
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_lora_config(adapter_dir: str | os.PathLike, meta: dict | None = None) -> LoraConfig:
+    """The adapter's real LoraConfig (task_type restored from milora_config.json); what load_milora hands PEFT."""
+    meta = read_milora_meta(adapter_dir) if meta is None else meta
+    d = json.loads((Path(adapter_dir) / PEFT_CONFIG_FILE).read_text())
+    if d.get("task_type") == REFUSAL:
+        d["task_type"] = meta.get("peft_task_type")
+    return LoraConfig.from_peft_type(**d)
+
+
+def load_adapter_weights(peft_model: PeftModel, adapter_dir: str | os.PathLike) -> None:
+    """Load a saved adapter's trainable tensors (A, B, modules_to_save) into a model built by apply_milora with the
+    same settings: the non-DeepSpeed resume path (the Trainer's own uses PEFT's config loader, which refuses)."""
+    result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir)), adapter_name=ADAPTER)
+    if result.unexpected_keys:
+        raise KeyError(f"{adapter_dir}: tensors this model has no place for, e.g. {result.unexpected_keys[:3]}")
 
 
 def save_milora(peft_model: PeftModel, output_dir: str | os.PathLike, state_dict: dict | None = None,
@@ -137,7 +185,9 @@ def load_milora(
     config = MiLoRAConfig.from_dict(meta["milora"])
     if residual is not None:
         config = dataclasses.replace(config, residual=residual)
-    peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
+    peft_model = PeftModel.from_pretrained(
+        base_model, str(adapter_dir), config=read_lora_config(adapter_dir, meta), is_trainable=is_trainable
+    )
     targets = find_targets(peft_model, ADAPTER)
     if config.init != "lora":
         names = [t.name for t in targets]
@@ -153,14 +203,18 @@ def load_milora(
                 install_offset(t.layer, ADAPTER, A0, B0)
         else:
             subtract_residual(targets, factors, config.scaling)
-            peft_model.milora_subtract_factors = factors
+            for t in targets:
+                install_subtract(t.layer, ADAPTER, *factors[t.name])
+            record_subtract(peft_model, factors)
+    enable_weighted_combination(peft_model)
     peft_model.milora_config = config
     return peft_model
 
 
 class MiLoRACheckpointCallback(TrainerCallback):
     """Adds milora_init.safetensors + milora_config.json to every Trainer checkpoint, so that each checkpoint
-    directory loads with load_milora as is (the Trainer itself writes only PEFT's files)."""
+    directory loads with load_milora as is (the Trainer itself writes only PEFT's files), and marks its
+    adapter_config.json so that plain PEFT refuses it."""
 
     def __init__(self, peft_model: PeftModel):
         self.peft_model = peft_model

@@ -251,6 +251,19 @@ class MiLoRATrainer(Trainer):
         if push:
             self._push_from_checkpoint(target)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume without DeepSpeed: the Trainer would call PEFT's load_adapter, which refuses a MiLoRA checkpoint
+        (milora.persist.REFUSAL); the model already carries B0 A0 from apply_milora, so only A, B load."""
+        from peft import PeftModel
+
+        from milora_vlm.milora.persist import META_FILE, load_adapter_weights
+
+        model = self.model if model is None else model
+        if isinstance(model, PeftModel) and os.path.isfile(os.path.join(resume_from_checkpoint, META_FILE)):
+            load_adapter_weights(model, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
         with naming_disk_full(output_dir):

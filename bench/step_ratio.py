@@ -1,0 +1,157 @@
+"""MiLoRA / LoRA training-step time ratios, measured interleaved in one process (issue 17.1).
+
+Builds one LLaMA-shaped decoder stack (default: hidden 1024, intermediate 2752, 2 layers, 16 heads, a 256-token
+vocabulary so that the stack, not the LM head, dominates), wraps copies of it with a plain PEFT LoRA adapter
+(MiLoRAConfig init="lora") and with MiLoRA in both residual forms, all seven projections, r 64, fp32, and times
+forward + backward on a batch of 2 x 256 tokens. Every round times each variant once, in a shuffled order, so load
+changes on a shared machine hit all of them alike; the ratios are medians (and quartiles) over rounds of
+(variant step / LoRA step in the same round), in wall time and in this process's CPU time. A second plain LoRA
+(lora_control) is timed like the others: its ratio to LoRA shows how far the machine's noise alone moves a ratio.
+The load average is printed before and after.
+
+    python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
+    python bench/step_ratio.py --rounds 40 --dropout 0.05
+
+The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+
+from milora_vlm.milora import MiLoRAConfig, apply_milora
+from milora_vlm.milora.offset import MiLoRAOffsetVariant, unfused_offset
+from milora_vlm.milora.targets import find_targets
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
+# offset_unfused computes the offset form through the LoRA modules and autograd (offset.unfused_offset, the
+# implementation before the fused _OffsetAdapter and still the ZeRO-3 path), for the before / after comparison.
+VARIANTS = {"lora": {"init": "lora"}, "lora_control": {"init": "lora"}, "offset": {"init": "minor", "residual": "offset"},
+            "offset_unfused": {"init": "minor", "residual": "offset"}, "subtract": {"init": "minor", "residual": "subtract"}}
+
+
+class _UnfusedOffset(MiLoRAOffsetVariant):
+    @staticmethod
+    def forward(module, active_adapter, x, result, **kwargs):
+        return unfused_offset(module, active_adapter, x, result)
+
+
+def llama_stack(hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
+                      max_position_embeddings=4096, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).float()
+
+
+def tiny_llava():
+    """The tiny recipe's LLaVA (bootstrap: tiny builds the same architecture: hidden 64, 2 layers, CLIP 32 px)."""
+    from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
+
+    tokenizer = train_tiny_tokenizer([f"a {c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square")],
+                                     vocab_size=400)
+    return build_tiny_llava(tokenizer)[0].float()
+
+
+def step(model, inputs) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward + backward. CPU time (this process, one thread) is far less disturbed by
+    other jobs on a shared machine than wall time; both are reported."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    elapsed = time.perf_counter() - w0, time.process_time() - c0
+    model.zero_grad(set_to_none=True)
+    return elapsed
+
+
+def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int) -> dict:
+    models = {}
+    for name, kw in VARIANTS.items():
+        cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, **kw)
+        models[name] = apply_milora(copy.deepcopy(base), cfg).train()
+        if name == "offset_unfused":
+            for t in find_targets(models[name]):
+                t.layer.lora_variant["default"] = _UnfusedOffset()
+    for _ in range(warmup):
+        for m in models.values():
+            step(m, inputs)
+    times = {name: [] for name in models}
+    order = random.Random(0)
+    for _ in range(rounds):
+        names = list(models)
+        order.shuffle(names)  # no variant always runs right after the same other one
+        for name in names:
+            times[name].append(step(models[name], inputs))
+    out = {"lora_dropout": dropout}
+    for clock, i in (("wall", 0), ("cpu", 1)):
+        lora = [t[i] for t in times["lora"]]
+        out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
+        for name in ("offset", "offset_unfused", "subtract", "lora_control"):
+            ratios = [t[i] / l for t, l in zip(times[name], lora)]
+            q = statistics.quantiles(ratios, n=4)
+            out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),
+                                            "iqr": [round(q[0], 4), round(q[2], 4)]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["llama_stack", "tiny_llava"], default="llama_stack")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--intermediate", type=int, default=2752)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--r", type=int, default=None, help="default 64 (llama_stack), 8 (tiny_llava: the recipe's)")
+    ap.add_argument("--batch", type=int, default=None, help="default 2 (llama_stack), 4 (tiny_llava)")
+    ap.add_argument("--seq", type=int, default=None, help="default 256 (llama_stack), 128 (tiny_llava)")
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.05, 0.0])
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tiny = args.model == "tiny_llava"
+    args.r = args.r or (8 if tiny else 64)
+    args.batch = args.batch or (4 if tiny else 2)
+    args.seq = args.seq or (128 if tiny else 256)
+    print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "threads": args.threads,
+                      "torch": torch.__version__, "loadavg_before": os.getloadavg()}), flush=True)
+
+    g = torch.Generator().manual_seed(0)
+    if args.model == "llama_stack":
+        base = llama_stack(args.hidden, args.intermediate, args.layers, args.vocab)
+        targets = PROJECTIONS
+        inputs = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)}
+        shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab}
+    else:
+        base = tiny_llava()
+        targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        cfg = base.config
+        text = torch.randint(10, cfg.text_config.vocab_size, (args.batch, args.seq), generator=g)
+        text[:, 1 : 1 + cfg.image_seq_length] = cfg.image_token_index
+        size = cfg.vision_config.image_size
+        inputs = {"input_ids": text, "pixel_values": torch.randn(args.batch, 3, size, size, generator=g)}
+        shape = {"model": "tiny_llava"}
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for dropout in args.dropout:
+        row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup)
+        row.update(shape, r=args.r, batch=args.batch, seq=args.seq, rounds=args.rounds,
+                   loadavg=[round(x, 2) for x in os.getloadavg()])
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
