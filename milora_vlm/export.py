@@ -16,11 +16,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+from transformers import AutoProcessor, AutoTokenizer
 
 from .milora.persist import load_milora, read_init_factors, read_lora_config, read_milora_meta
+from .model.load import adapter_base, has_processor_files, has_tokenizer_files, load_base
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +29,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMATS = ("merged", "lora")
 
 
-def load_base_model(path: str | os.PathLike, dtype: str | torch.dtype = "auto"):
-    """The base checkpoint in the class its config names (LlavaForConditionalGeneration, LlamaForCausalLM, ...)."""
-    config = AutoConfig.from_pretrained(path)
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, arch, None) if arch else None
-    if cls is None:
-        logger.warning("%s names no known architecture (%r); loading it as AutoModelForCausalLM", path, arch)
-        cls = AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=dtype)
-
-
 def copy_processor(base: str | os.PathLike, output_dir: str | os.PathLike) -> str:
     """Save the base's processor (LLaVA) or tokenizer (causal LM) next to the exported weights."""
-    base = Path(base)
-    if (base / "processor_config.json").exists() or (base / "preprocessor_config.json").exists():
+    if has_processor_files(base):
         AutoProcessor.from_pretrained(base).save_pretrained(output_dir)
         return "processor"
-    if (base / "tokenizer_config.json").exists():
+    if has_tokenizer_files(base):
         AutoTokenizer.from_pretrained(base).save_pretrained(output_dir)
         return "tokenizer"
     logger.warning("no tokenizer or processor found in %s; the export has weights only", base)
@@ -55,7 +43,7 @@ def copy_processor(base: str | os.PathLike, output_dir: str | os.PathLike) -> st
 
 def export_merged(adapter_dir: str | os.PathLike, base: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     """Write a merged full checkpoint to output_dir; plain `from_pretrained` of the base's class loads it."""
-    model = load_base_model(base)
+    model = load_base(base, "auto")  # the stored dtype, in the class the base was trained in
     # Offset form on the original W: merging then gives W + s (B A - B0 A0) via the offset variant's merge_safe
     # (fp32, one cast) for either residual mode.
     peft_model = load_milora(model, adapter_dir, residual="offset")
@@ -117,22 +105,8 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     return output_dir
 
 
-def adapter_base(adapter_dir: str | os.PathLike) -> str:
-    """The base checkpoint an adapter names in adapter_config.json (base_model_name_or_path)."""
-    import json
-
-    path = Path(adapter_dir) / "adapter_config.json"
-    try:
-        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the base model from it ({e}); pass --base") from None
-    if not base:
-        raise ValueError(f"{path} names no base_model_name_or_path; pass --base (the checkpoint it was trained on)")
-    return base
-
-
 def copy_recipe(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
-    """The training recipe goes with the export, so generation finds its template (inference.recipe_template)."""
+    """The training recipe goes with the export, so generation finds its template (model.load.recipe_template)."""
     from .config import RECIPE_FILENAME
 
     for where in (Path(adapter_dir), Path(adapter_dir).parent):  # a run's output_dir, or a checkpoint-N in it

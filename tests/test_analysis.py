@@ -333,8 +333,9 @@ def test_cli_on_milora_peft_and_full_checkpoints(tmp_path, tiny_causal_lm_dir):
     from milora_vlm.milora.apply import apply_milora
     from milora_vlm.milora.config import MiLoRAConfig
     from milora_vlm.milora.persist import save_milora
+    from milora_vlm.model.load import load_base
 
-    base = an.load_model(tiny_causal_lm_dir)
+    base = load_base(tiny_causal_lm_dir, torch.float32)
     W_k0 = base.model.layers[0].self_attn.k_proj.weight.detach().double().clone()
     # MiLoRA adapter, subtract form, then "trained": B = 2 B0  =>  dW = W's minor part (see the walker test)
     mil = apply_milora(base, MiLoRAConfig(r=2, lora_alpha=2, target_modules=["k_proj", "v_proj"], residual="subtract"))
@@ -344,12 +345,12 @@ def test_cli_on_milora_peft_and_full_checkpoints(tmp_path, tiny_causal_lm_dir):
                 p.mul_(2.0)
     save_milora(mil, tmp_path / "milora")
     # plain PEFT LoRA with a known update in layer 0's k_proj top directions
-    peft_model = get_peft_model(an.load_model(tiny_causal_lm_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    peft_model = get_peft_model(load_base(tiny_causal_lm_dir, torch.float32), LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
     U, S, Vh = torch.linalg.svd(W_k0, full_matrices=False)
     _set_lora_to(peft_model.base_model.model.model.layers[0].self_attn.k_proj, "default", U[:, :2] @ Vh[:2])
     peft_model.save_pretrained(tmp_path / "lora")
     # full finetune: every k_proj moved along W's bottom direction
-    full = an.load_model(tiny_causal_lm_dir)
+    full = load_base(tiny_causal_lm_dir, torch.float32)
     with torch.no_grad():
         full.model.layers[0].self_attn.k_proj.weight.add_((U[:, -1:] @ Vh[-1:]).float())
     full.save_pretrained(tmp_path / "full")

@@ -20,7 +20,8 @@ from transformers import (
 )
 
 from milora_vlm.config import ConfigError, ModelSection, build_recipe
-from milora_vlm.model.build import compose_llava, load_model
+from milora_vlm.model.build import compose_llava
+from milora_vlm.model.load import load_for_training
 from milora_vlm.model.tiny import build_tiny_causal_lm, tiny_image_processor, tiny_vision_config
 from milora_vlm.model.trainable import apply_trainable, language_model_regex
 from milora_vlm.train.trainer import optimizer_groups
@@ -58,7 +59,7 @@ def parts(tmp_path_factory):
 def test_compose_clip_llava_keeps_the_parts_and_adds_the_image_token(parts, tmp_path):
     root, lm, clip, _, vocab = parts
     out = compose_llava(str(root / "lm"), str(root / "clip"), str(tmp_path / "llava"), projector="mlp2x_gelu")
-    loaded = load_model(ModelSection(kind="llava", path=out), torch.float32)
+    loaded = load_for_training(ModelSection(kind="llava", path=out), torch.float32)
     model = loaded.model
     assert isinstance(model, LlavaForConditionalGeneration)
     assert loaded.num_image_tokens == 16  # (32 / 8)^2 patches, CLS dropped by the "default" strategy
@@ -85,7 +86,7 @@ def test_compose_siglip_needs_the_full_strategy(parts, tmp_path):
         compose_llava(str(root / "lm"), str(root / "siglip"), str(tmp_path / "a"))
     out = compose_llava(str(root / "lm"), str(root / "siglip"), str(tmp_path / "b"), projector="linear",
                         vision_feature_select_strategy="full")
-    loaded = load_model(ModelSection(kind="llava", path=out), torch.float32)
+    loaded = load_for_training(ModelSection(kind="llava", path=out), torch.float32)
     assert loaded.num_image_tokens == 16 and loaded.model.config.projector_hidden_act == "linear"
     enc = loaded.processing_class(text="<image>", images=[Image.new("RGB", (32, 32))], return_tensors="pt")
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_llava_stage1_linear_projector_weights(parts, tmp_path):
     torch.save({"model.mm_projector.weight": w, "model.mm_projector.bias": b}, tmp_path / "mm_projector.bin")
     out = compose_llava(str(root / "lm"), str(root / "clip"), str(tmp_path / "llava"), projector="linear",
                         projector_weights=str(tmp_path / "mm_projector.bin"))
-    proj = load_model(ModelSection(kind="llava", path=out), torch.float32).model.model.multi_modal_projector
+    proj = load_for_training(ModelSection(kind="llava", path=out), torch.float32).model.model.multi_modal_projector
     x = torch.randn(3, 64)
     with torch.no_grad():
         torch.testing.assert_close(proj(x), x @ w.T + b)
@@ -125,7 +126,7 @@ def test_build_llava_script(parts, tmp_path):
 
 def test_load_model_refuses_a_non_llava_checkpoint(tiny_causal_lm_dir):
     with pytest.raises(ValueError, match="not llava-hf"):
-        load_model(ModelSection(kind="llava", path=str(tiny_causal_lm_dir)), torch.float32)
+        load_for_training(ModelSection(kind="llava", path=str(tiny_causal_lm_dir)), torch.float32)
 
 
 # ---- what trains ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def trainable_names(model):
 
 def test_adapter_only_on_the_language_model_and_projector_in_modules_to_save(tiny_llava_dir, tmp_path):
     recipe = recipe_for(tiny_llava_dir, tmp_path)
-    model = apply_trainable(load_model(recipe.model, torch.float32).model, recipe)
+    model = apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe)
     names = trainable_names(model)
     lora = [n for n in names if "lora_" in n]
     assert lora and all("language_model" in n for n in lora)
@@ -163,20 +164,20 @@ def test_adapter_only_on_the_language_model_and_projector_in_modules_to_save(tin
 
 def test_projector_milora_and_frozen(tiny_llava_dir, tmp_path):
     recipe = recipe_for(tiny_llava_dir, tmp_path, trainable={"projector": "milora"})
-    names = trainable_names(apply_trainable(load_model(recipe.model, torch.float32).model, recipe))
+    names = trainable_names(apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe))
     assert any("multi_modal_projector.linear_1.lora_A" in n for n in names)
     assert any("multi_modal_projector.linear_2.lora_B" in n for n in names)
     recipe = recipe_for(tiny_llava_dir, tmp_path, trainable={"projector": "frozen"})
-    names = trainable_names(apply_trainable(load_model(recipe.model, torch.float32).model, recipe))
+    names = trainable_names(apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe))
     assert names and not any("multi_modal_projector" in n for n in names)
 
 
 def test_no_adapter_runs_train_the_declared_modules(tiny_llava_dir, tmp_path):
     recipe = recipe_for(tiny_llava_dir, tmp_path, adapter=None)
-    names = trainable_names(apply_trainable(load_model(recipe.model, torch.float32).model, recipe))
+    names = trainable_names(apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe))
     assert names and all("multi_modal_projector" in n for n in names)
     recipe = recipe_for(tiny_llava_dir, tmp_path, adapter=None, trainable={"language_model": "full"})
-    names = trainable_names(apply_trainable(load_model(recipe.model, torch.float32).model, recipe))
+    names = trainable_names(apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe))
     assert any("language_model.layers.0" in n for n in names) and "lm_head.weight" in names
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in names)
 
@@ -184,13 +185,13 @@ def test_no_adapter_runs_train_the_declared_modules(tiny_llava_dir, tmp_path):
 def test_checks_that_need_the_model(tiny_llava_dir, tmp_path):
     recipe = recipe_for(tiny_llava_dir, tmp_path, adapter={"r": 100, "target_modules": ["q_proj"]})
     with pytest.raises(ConfigError, match=r"adapter.r 100 .*64x64.*adapter.r <= 64"):
-        apply_trainable(load_model(recipe.model, torch.float32).model, recipe)
+        apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe)
     recipe = recipe_for(tiny_llava_dir, tmp_path, adapter={"r": 4, "target_modules": r".*\.(q_proj|v_proj)"})
     with pytest.raises(ConfigError, match="vision tower"):
-        apply_trainable(load_model(recipe.model, torch.float32).model, recipe)
+        apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe)
     recipe = recipe_for(tiny_llava_dir, tmp_path, adapter={"r": 4, "target_modules": ["qproj"]})
     with pytest.raises(ConfigError, match="matches no Linear module.*q_proj"):
-        apply_trainable(load_model(recipe.model, torch.float32).model, recipe)
+        apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe)
 
 
 def test_language_model_regex():
@@ -206,7 +207,7 @@ def test_language_model_regex():
 
 def test_projector_learning_rate_groups(tiny_llava_dir, tmp_path):
     recipe = recipe_for(tiny_llava_dir, tmp_path)
-    model = apply_trainable(load_model(recipe.model, torch.float32).model, recipe)
+    model = apply_trainable(load_for_training(recipe.model, torch.float32).model, recipe)
     decay = {n for n, _ in model.named_parameters() if not n.endswith("bias")}
     groups = optimizer_groups(model, decay, lr=2e-4, projector_lr=2e-5, weight_decay=0.1)
     by_id = {id(p): g for g in groups for p in g["params"]}

@@ -29,7 +29,7 @@ from milora_vlm.evaluation.generation import (
     stop_strings,
 )
 from milora_vlm.evaluation.inputs import EvalInputError
-from milora_vlm.inference import load_for_inference
+from milora_vlm.model.load import load_for_inference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -91,7 +91,7 @@ def test_checkpoint_without_processor_config_is_a_clear_error(tmp_path, tiny_lla
     from types import SimpleNamespace
 
     from milora_vlm.data.validation import image_tokens_from_processor
-    from milora_vlm.model.build import load_model
+    from milora_vlm.model.load import load_for_training
 
     ckpt = tmp_path / "old_llava_hf"
     shutil.copytree(tiny_llava_dir, ckpt)
@@ -100,7 +100,7 @@ def test_checkpoint_without_processor_config_is_a_clear_error(tmp_path, tiny_lla
     (ckpt / "preprocessor_config.json").write_text(json.dumps(cfg["image_processor"]))
     (ckpt / "processor_config.json").unlink()
     model_cfg = SimpleNamespace(kind="llava", path=str(ckpt), attn_implementation=None)
-    for call in (lambda: load_model(model_cfg, torch.float32), lambda: image_tokens_from_processor(str(ckpt))):
+    for call in (lambda: load_for_training(model_cfg, torch.float32), lambda: image_tokens_from_processor(str(ckpt))):
         with pytest.raises(ConfigError) as e:
             call()
         assert "processor_config.json" in str(e.value) and '"patch_size": 8' in str(e.value)
@@ -143,7 +143,7 @@ def test_merged_export_reads_base_from_adapter_config_and_carries_the_recipe(tin
 
     from transformers import AutoModelForCausalLM
 
-    from milora_vlm.inference import recipe_template
+    from milora_vlm.model.load import recipe_template
     from milora_vlm.milora import MiLoRAConfig, apply_milora, save_milora
 
     model = apply_milora(AutoModelForCausalLM.from_pretrained(tiny_causal_lm_dir),

@@ -18,13 +18,12 @@ from milora_vlm.analysis.plots import plot_module_heatmaps, plot_similarity_grid
 from milora_vlm.analysis.walk import (
     DEFAULT_FULL_TARGETS,
     ModuleDelta,
-    checkpoint_kind,
     iter_full_deltas,
     iter_lora_deltas,
-    load_model,
     module_location,
     name_filter,
 )
+from milora_vlm.model.load import ADAPTER_KINDS, checkpoint_kind, load_adapter, load_base
 
 
 @dataclass
@@ -162,25 +161,21 @@ def analyze_checkpoint(
     """
     kind = checkpoint_kind(path)
     label = label or os.path.basename(os.path.normpath(path))
-    base = load_model(base_path)
-    meta = {"base": os.fspath(base_path), "checkpoint": os.fspath(path), "kind": kind}
+    # float32: the update of a bf16 model is computed exactly in float32 / float64
+    base = load_base(base_path, torch.float32).eval()
+    full = kind not in ADAPTER_KINDS
+    meta = {"base": os.fspath(base_path), "checkpoint": os.fspath(path), "kind": "full" if full else kind}
     skipped: list[str] = []
-    if kind == "full":
+    if full:
         if rank is None:
             raise ValueError(f"{path} is a fully finetuned model: give the rank r of dW's directions to compare (e.g. the adapters' r)")
-        finetuned = load_model(path)
+        finetuned = load_base(path, torch.float32, kind).eval()
         include = name_filter(targets if targets is not None else DEFAULT_FULL_TARGETS, layers)
         deltas = iter_full_deltas(finetuned, base, include, rank)
     else:
+        model = load_adapter(base, path, residual="offset")  # MiLoRA: offset form, so the base stays the original W
         if kind == "milora":
-            from milora_vlm.milora.persist import load_milora
-
-            model = load_milora(base, path, residual="offset")
             meta["milora"] = dataclasses.asdict(model.milora_config)
-        else:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(base, os.fspath(path))
         model.eval()
         include = name_filter(targets, layers) if (targets is not None or layers is not None) else None
         deltas = iter_lora_deltas(model, include=include, skipped=skipped)

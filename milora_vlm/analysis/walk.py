@@ -1,9 +1,8 @@
-"""Walking models: which weights to analyse, what their update dW is (LoRA / MiLoRA / PiSSA adapters or a full
-finetune), and which kind of checkpoint a directory holds."""
+"""Walking models: which weights to analyse and what their update dW is (LoRA / MiLoRA / PiSSA adapters or a
+full finetune). Which kind of checkpoint a directory holds, and loading it, is milora_vlm.model.load's."""
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -169,33 +168,6 @@ def name_filter(targets: str | Sequence[str] | None, layers: Sequence[int] | Non
         return True
 
     return accept
-
-
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A saved base or fully finetuned model: LLaVA (llava-hf format) or a causal LM, in eval mode.
-
-    float32 by default: the update of a bf16 model is computed exactly in float32 / float64.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
-
-    config = AutoConfig.from_pretrained(path)
-    cls = LlavaForConditionalGeneration if config.model_type == "llava" else AutoModelForCausalLM
-    return cls.from_pretrained(path, dtype=dtype).eval()
-
-
-def checkpoint_kind(path: str | os.PathLike) -> str:
-    """"milora" (save_milora's directory), "peft" (a plain PEFT LoRA adapter) or "full" (a finetuned model)."""
-    from milora_vlm.milora.persist import META_FILE
-
-    if os.path.exists(os.path.join(path, META_FILE)):
-        return "milora"
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        return "peft"
-    if os.path.exists(os.path.join(path, "config.json")):
-        return "full"
-    raise FileNotFoundError(
-        f"{path}: neither a MiLoRA / PEFT adapter (adapter_config.json) nor a saved model (config.json)"
-    )
 
 
 # The language model's block projections (Llama naming; LLaVA or plain causal LM): what a full finetune is

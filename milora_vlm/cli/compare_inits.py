@@ -217,10 +217,9 @@ def accuracy(loaded, questions: str, answers: str, template: str, image_folder: 
 
 def evaluate_run(name: str, model_dir: str, base, ctx: dict) -> dict:
     """new / old accuracy, forgetting CE against the base and (for trained runs) the subspace analysis."""
-    from milora_vlm.inference import load_for_inference
+    from milora_vlm.model.load import is_adapter_dir, load_for_inference
 
     base_path = ctx["base_path"]
-    from milora_vlm.inference import is_adapter_dir
 
     if model_dir == base_path:
         loaded = base
@@ -356,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     held_out = question_subset(old_q, args.forgetting_limit, os.path.join(eval_dir, "forgetting_questions.jsonl"), seed=1)
     conversations = questions_as_conversations(held_out, os.path.join(eval_dir, "forgetting_conversations.jsonl"))
 
-    from milora_vlm.inference import load_for_inference
+    from milora_vlm.model.load import load_for_inference
 
     base = load_for_inference(recipe.model.path, dtype="float32")
     ctx["forgetting_batches"], skipped = forgetting_batches(conversations, recipe, base, batch_size=16)

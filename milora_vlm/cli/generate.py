@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {len(all_questions.repeated)} questions repeat an earlier line (same question_id, text and "
                   f"image) and are answered once: {', '.join(all_questions.repeated[:3])}", file=sys.stderr)
         questions = select_chunk(all_questions, num_chunks, chunk_idx)
-        from milora_vlm.inference import load_for_inference
+        from milora_vlm.model.load import load_for_inference
 
         loaded = load_for_inference(args.model, base=args.base, dtype=args.dtype, model_id=args.model_id)
         template_name = args.template or loaded.template

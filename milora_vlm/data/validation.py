@@ -263,7 +263,7 @@ def image_tokens_from_processor(path: str) -> int | None:
         return None
     if getattr(proc, "image_processor", None) is None or not hasattr(proc, "image_token_id"):
         return None
-    from milora_vlm.model.build import check_llava_processor
+    from milora_vlm.model.load import check_llava_processor
 
     check_llava_processor(proc, path)  # a clear error (ConfigError) instead of a TypeError below
     enc = proc(images=Image.new("RGB", (64, 64)), text=proc.image_token, return_tensors=None)

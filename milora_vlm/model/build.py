@@ -1,23 +1,20 @@
-"""Loading the model to train, and composing a llava-hf checkpoint from a causal LM + a vision tower.
+"""Composing a llava-hf checkpoint from a causal LM + a vision tower.
 
-Training always loads with a plain `from_pretrained` (so that ZeRO-3's partitioned loading works): a LLaVA that
-does not exist yet is composed once by `compose_llava` and saved in llava-hf format (model + processor), by
-scripts/build_llava.py or by the training script itself before loading.
+Training always loads with a plain `from_pretrained` (model/load.py; so that ZeRO-3's partitioned loading works):
+a LLaVA that does not exist yet is composed once by `compose_llava` and saved in llava-hf format (model +
+processor), by scripts/build_llava.py or by the training script itself before loading.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForCausalLM,
-    AutoProcessor,
     AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
@@ -29,6 +26,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER
 
+from .load import ensure_pad_token
 from .projectors import PROJECTORS
 
 logger = logging.getLogger(__name__)
@@ -40,26 +38,6 @@ VISION_TOWERS = {
     "siglip": (SiglipVisionModel, 0),
     "siglip_vision_model": (SiglipVisionModel, 0),
 }
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto' = bfloat16 on a GPU that supports it, else float32 (CPU training is fp32)."""
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def ensure_pad_token(tokenizer) -> None:
-    """LLaVA's rule: pad with <unk> when the tokenizer has no pad token (LLaMA, Vicuna), else with eos.
-
-    Labels of padding are set by position in the collator, never by token id, so eos as pad is safe.
-    """
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
-    if tokenizer.pad_token is None:
-        raise ValueError("the tokenizer has no pad, unk or eos token to pad with; add a pad token to it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,86 +159,3 @@ def compose_llava(
     processor.save_pretrained(output_dir)
     logger.info("composed LLaVA (%s + %s, %s projector) saved to %s", language_model, vision_tower, projector, output_dir)
     return output_dir
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# loading
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    processing_class: object  # LlavaProcessor for llava, tokenizer for causal_lm
-    tokenizer: object
-    image_processor: object | None
-    image_token_id: int | None
-    num_image_tokens: int
-
-
-def count_image_tokens(processor, image_token_id: int) -> int:
-    """How many image tokens one image expands to, measured with the processor's own rule on a blank image."""
-    size = getattr(processor.image_processor, "crop_size", None) or getattr(processor.image_processor, "size", None)
-    h = (size or {}).get("height") or (size or {}).get("shortest_edge") or 224
-    w = (size or {}).get("width") or h
-    enc = processor(text=IMAGE_PLACEHOLDER, images=[Image.new("RGB", (w, h))], return_tensors="pt")
-    return int((enc["input_ids"] == image_token_id).sum())
-
-
-def check_llava_processor(processor, path: str) -> None:
-    """Refuse a LlavaProcessor that cannot expand `<image>`: llava-hf checkpoints saved before processor_config.json
-    existed (transformers < 4.47) load with patch_size None and fail later with a raw TypeError."""
-    if getattr(processor, "image_processor", None) is None:
-        return
-    if getattr(processor, "patch_size", None) is not None and getattr(processor, "vision_feature_select_strategy", None):
-        return
-    from milora_vlm.config import ConfigError
-
-    fix = ""
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-        extra = VISION_TOWERS.get(cfg.vision_config.model_type, (None, 1))[1]
-        fix = (f' {{"patch_size": {cfg.vision_config.patch_size}, "vision_feature_select_strategy": '
-               f'"{cfg.vision_feature_select_strategy}", "num_additional_image_tokens": {extra}}}'
-               " (the values of its config.json)")
-    except (OSError, ValueError, AttributeError):
-        pass
-    raise ConfigError(
-        f"{path}: the processor has no patch_size / vision_feature_select_strategy (processor_config.json is missing, "
-        f"as in llava-hf checkpoints saved before transformers 4.47), so it cannot tell how many tokens an image "
-        f"becomes. Add {os.path.join(path, 'processor_config.json')} with{fix or ' those keys'}, "
-        "or re-save the processor with save_pretrained"
-    )
-
-
-def load_model(model_cfg, dtype: torch.dtype) -> LoadedModel:
-    """from_pretrained the recipe's model (partitioned under ZeRO-3 when TrainingArguments with a ZeRO-3 config
-    exist before this call) with its processor or tokenizer."""
-    kw = {"dtype": dtype}
-    if model_cfg.attn_implementation is not None:
-        kw["attn_implementation"] = model_cfg.attn_implementation
-    if model_cfg.kind == "causal_lm":
-        tokenizer = AutoTokenizer.from_pretrained(model_cfg.path)
-        ensure_pad_token(tokenizer)
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, **kw)
-        model.config.use_cache = False
-        return LoadedModel(model, tokenizer, tokenizer, None, None, 0)
-    cfg = AutoConfig.from_pretrained(model_cfg.path)
-    if cfg.model_type != "llava":
-        raise ValueError(
-            f"model.path {model_cfg.path!r} is a {cfg.model_type!r} checkpoint, not llava-hf; compose one with "
-            "scripts/build_llava.py (or model.language_model + model.vision_tower), or use model.kind: causal_lm"
-        )
-    processor = AutoProcessor.from_pretrained(model_cfg.path)
-    check_llava_processor(processor, model_cfg.path)
-    tokenizer = processor.tokenizer
-    ensure_pad_token(tokenizer)
-    model = LlavaForConditionalGeneration.from_pretrained(model_cfg.path, **kw)
-    model.config.use_cache = False
-    image_token_id = model.config.image_token_id
-    n = count_image_tokens(processor, image_token_id)
-    expected = getattr(model.config, "image_seq_length", None)
-    if expected is not None and n != expected:
-        raise ValueError(
-            f"{model_cfg.path}: the processor expands one image to {n} tokens but the model config says "
-            f"image_seq_length {expected}; the processor and model were saved from different settings"
-        )
-    return LoadedModel(model, processor, tokenizer, processor.image_processor, image_token_id, n)

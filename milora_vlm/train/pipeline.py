@@ -96,7 +96,7 @@ def _saved_max_steps(checkpoint: str) -> int | None:
 
 
 def model_dtype(recipe: Recipe, args) -> torch.dtype:
-    from milora_vlm.model.build import resolve_dtype
+    from milora_vlm.model.load import resolve_dtype
 
     if recipe.model.dtype != "auto":
         return resolve_dtype(recipe.model.dtype)
@@ -107,7 +107,7 @@ def run(recipe: Recipe) -> str:
     """Train; returns the output directory (final adapter or model, recipe, logs, loss_curve.png)."""
     from milora_vlm.data.collator import ConversationCollator
     from milora_vlm.data.dataset import ConversationDataset
-    from milora_vlm.model.build import load_model
+    from milora_vlm.model.load import load_for_training
     from milora_vlm.model.trainable import apply_trainable, count_parameters
 
     from .trainer import MiLoRATrainer
@@ -135,7 +135,7 @@ def run(recipe: Recipe) -> str:
     if resume is not None:
         check_resume_compatible(recipe, resume, signature)
     args = training_arguments(recipe, storage.node_local)  # before from_pretrained: ZeRO-3 loads partitioned
-    loaded = load_model(recipe.model, model_dtype(recipe, args))
+    loaded = load_for_training(recipe.model, model_dtype(recipe, args))
     if loaded.num_image_tokens >= recipe.data.max_length:
         raise ConfigError(
             f"data.max_length {recipe.data.max_length} cannot hold one image ({loaded.num_image_tokens} image tokens)"
