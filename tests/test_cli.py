@@ -47,7 +47,8 @@ def load_file(rel: str):
 def test_console_scripts_resolve_to_callables():
     scripts = console_scripts()
     assert {"milora-score", "milora-generate", "milora-analyze", "milora-compare-inits", "milora-build-llava",
-            "milora-prep-commonsense", "milora-prep-metamath", "milora-prep-easyvqa"} <= set(scripts)
+            "milora-prep-commonsense", "milora-prep-metamath", "milora-prep-easyvqa", "milora-prep-llava",
+            "milora-prep-vqa", "milora-export"} <= set(scripts)
     for name, target in scripts.items():
         module, func = resolve(target)
         assert callable(func), f"{name} = {target!r} is not callable"

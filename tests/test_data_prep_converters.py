@@ -26,7 +26,7 @@ def load_script(name: str):
     return module
 
 
-vqa = load_script("vqa_to_conversations")
+from milora_vlm.cli import prep_vqa as vqa  # noqa: E402  (the tool; data_prep/vqa_to_conversations.py wraps it)
 commonsense = load_script("commonsense170k")
 metamath = load_script("metamathqa")
 llava_instruct = load_script("llava_instruct")
