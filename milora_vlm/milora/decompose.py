@@ -33,8 +33,7 @@ from milora_vlm.registry import Registry
 
 METHODS = ("auto", "svd", "gram", "gesvda")
 # Up to this smaller side the fp32 LAPACK SVD is as fast as the Gram route on CPU, and it is the simpler one
-# (measured 2026-11-23, 2-core CPU, r=16: 256x256 12 ms both; 1024x1024 svd 0.34 s, gram 0.28 s;
-# 1024x2752 svd 0.92 s, gram 0.31 s).
+# (BENCHMARKS.md, "Choosing the route").
 _SMALL_SIDE = 256
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Smallest sigma / sigma_max each route separates from rounding: the fp64 Gram route squares the spectrum (eigenvalue
