@@ -74,6 +74,9 @@ class DataSection:
       "resize" stretches it to the processor's size; "native" leaves it to the processor (CLIP: centre crop).
     group_by_modality_length: LLaVA's sampler: each optimizer step sees image samples on every rank or text-only
       samples on every rank, grouped by (estimated) length.
+    packing: padding-free batches: each batch's samples laid end to end in rows of at most max_length tokens
+      (one row under flash_attention_2), attention confined to each sample by per-sample position_ids; same
+      samples, labels and loss as the padded batch (milora_vlm.data.collator).
     """
 
     train_file: Optional[str] = None
@@ -82,6 +85,7 @@ class DataSection:
     max_length: int = 2048
     image_aspect_ratio: str = field(default="pad", metadata=_choices("pad", "resize", "native"))
     group_by_modality_length: bool = False
+    packing: bool = False
 
 
 @dataclass

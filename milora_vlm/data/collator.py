@@ -3,6 +3,17 @@
 HF LLaVA takes `pixel_values` only for the images present, concatenated in order, and checks that their number of
 features equals the number of image tokens in `input_ids`; samples without an image simply add no pixels. A batch
 with no image at all carries no `pixel_values`, except with `vision_keepalive` (see below).
+
+Packing (`packing=True`, the recipe's data.packing): instead of padding every sample to the batch's longest, the
+batch's samples are laid end to end in rows, without an attention mask but with `position_ids` that restart at 0
+for each sample. transformers reads that layout as packed sequences (masking_utils.find_packed_sequence_indices
+for eager / sdpa, modeling_flash_attention_utils._is_packed_sequence for flash-attention, which needs a single row)
+and confines attention to each sample; rotary positions are those the sample would have had alone. As in
+transformers' DataCollatorWithFlattening, each sample's first label is IGNORE_INDEX, so no sample's last token is
+trained to predict the next sample's first (that label is never a target on the padded path either, where the
+shift drops it). pixel_values follow the image tokens in row-major order, which is the order LLaVA's masked_scatter
+fills them in, so every image's features land on its own tokens. The batch is the same samples as on the padded
+path: same labels, same supervised tokens, so the token-averaged loss is the padded loss.
 """
 
 from __future__ import annotations
@@ -48,9 +59,19 @@ class ConversationCollator:
     num_image_tokens: int = 0
     image_shape: Optional[tuple[int, int, int]] = None  # (3, H, W) of the blank image
     vision_keepalive: bool = False
+    packing: bool = False
+    # Packed rows hold at most this many tokens (None: the whole batch in one row, as flash-attention needs).
+    # eager / sdpa build each row's full row x row mask and attention, so bounding the row bounds that cost.
+    row_tokens: Optional[int] = None
 
     def __call__(self, features: list[dict]) -> dict:
+        batch = self._packed(features) if self.packing else self._padded(features)
         skipped = [s for f in features for s in f.get("skipped", ())]
+        records = [str(f["record"]) for f in features if "record" in f]
+        batch[SKIPS_KEY] = BatchSkips(samples=len(features) + len(skipped), skipped=skipped, records=records)
+        return batch
+
+    def _padded(self, features: list[dict]) -> dict:
         lengths = [int(f["input_ids"].shape[0]) for f in features]
         width = max(lengths)
         pixels = [f["pixel_values"] for f in features if "pixel_values" in f]
@@ -76,6 +97,59 @@ class ConversationCollator:
                 input_ids[row, n : n + take] = self.image_token_id
                 remaining -= take
             batch["pixel_values"] = torch.zeros((1, *self.image_shape))
-        records = [str(f["record"]) for f in features if "record" in f]
-        batch[SKIPS_KEY] = BatchSkips(samples=len(features) + len(skipped), skipped=skipped, records=records)
         return batch
+
+    def _packed(self, features: list[dict]) -> dict:
+        # Written here because transformers' DataCollatorWithFlattening makes one row only and knows no pixel_values.
+        segments = [(f["input_ids"], f["labels"]) for f in features]
+        keepalive = self.vision_keepalive and not any("pixel_values" in f for f in features)
+        if keepalive:  # the blank image's tokens as a segment of their own: no real token can attend to them
+            ids = torch.full((self.num_image_tokens,), self.image_token_id, dtype=torch.long)
+            segments.append((ids, torch.full_like(ids, IGNORE_INDEX)))
+        rows = pack_rows([int(ids.shape[0]) for ids, _ in segments], self.row_tokens)
+        width = max(sum(int(segments[i][0].shape[0]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        pixels = []
+        for r, row in enumerate(rows):
+            col = 0
+            for i in row:
+                ids, lab = segments[i]
+                n = int(ids.shape[0])
+                input_ids[r, col : col + n] = ids
+                labels[r, col + 1 : col + n] = lab[1:]
+                position_ids[r, col : col + n] = torch.arange(n)
+                if i < len(features) and "pixel_values" in features[i]:
+                    pixels.append(features[i]["pixel_values"])
+                col += n
+            position_ids[r, col:] = torch.arange(width - col)  # the row's padding: one more segment
+        # use_cache False: transformers reads position_ids as packed sequences only when no KV cache is made (a
+        # model in train mode without gradient checkpointing would otherwise make one and attend across samples).
+        batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "use_cache": False}
+        if pixels:
+            batch["pixel_values"] = torch.stack(pixels)
+        elif keepalive:
+            batch["pixel_values"] = torch.zeros((1, *self.image_shape))
+        return batch
+
+
+def pack_rows(lengths: list[int], capacity: Optional[int] = None) -> list[list[int]]:
+    """Which samples go in which row: as few rows of at most `capacity` tokens as this greedy finds, their totals
+    balanced (longest sample first, each into the row with the fewest tokens) so that the rows' common width wastes
+    little. Each row lists its samples in batch order. capacity None: one row."""
+    if capacity is None:
+        return [list(range(len(lengths)))]
+    if max(lengths) > capacity:
+        raise ValueError(f"a sample of {max(lengths)} tokens does not fit a packed row of {capacity}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for k in range(max(1, math.ceil(sum(lengths) / capacity)), len(lengths) + 1):
+        rows: list[list[int]] = [[] for _ in range(k)]
+        totals = [0] * k
+        for i in order:
+            r = min(range(k), key=totals.__getitem__)
+            rows[r].append(i)
+            totals[r] += lengths[i]
+        if max(totals) <= capacity:
+            return [sorted(row) for row in rows if row]
+    raise AssertionError("unreachable: one sample per row always fits")

@@ -134,6 +134,9 @@ def run(recipe: Recipe) -> str:
         num_image_tokens=loaded.num_image_tokens,
         image_shape=(3, vcfg.image_size, vcfg.image_size) if is_llava else None,
         vision_keepalive=is_llava and distributed.world_size() > 1,
+        packing=d.packing,
+        # flash-attention reads packed sequences from position_ids only in a single row
+        row_tokens=None if "flash" in str(loaded.model.config.get_text_config()._attn_implementation) else d.max_length,
     )
     callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
     if os.environ.get(REFERENCE_ENV):
