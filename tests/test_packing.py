@@ -12,6 +12,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlamaForCausalLM, LlavaFo
 from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator, pack_rows
 from milora_vlm.data.dataset import ConversationDataset
 from milora_vlm.data.templates import IGNORE_INDEX
+from milora_vlm.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 
 IMAGE_TOKENS = 16  # tiny LLaVA: 32x32 image, patch 8, CLS dropped
 
@@ -102,10 +103,13 @@ def assert_packed_matches_padded(model, padded, packed, n_samples):
         torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 @pytest.mark.parametrize("row_tokens", [None, 300])  # one row (flash-attention's layout), several rows
 def test_packed_llava_batch_equals_padded(dataset, tiny_llava_dir, attn, row_tokens):
-    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation=attn)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, attn_implementation="eager" if attn == "eager" else "sdpa")
+    assert use_packed_sdpa(model) == (attn != "eager")
+    if attn == "sdpa":  # transformers' own mask-based packing
+        model.config.get_text_config()._attn_implementation = "sdpa"
     model.model.multi_modal_projector.requires_grad_(True)
     padded_c, packed_c = collators(dataset.tokenizer, image_token_id=dataset.image_token_id, num_image_tokens=IMAGE_TOKENS,
                                    image_shape=(3, 32, 32), row_tokens=row_tokens)
@@ -135,7 +139,8 @@ def test_packed_causal_lm_batch_equals_padded(tiny_causal_lm_dir):
     from milora_vlm.data.templates import encode_conversation
 
     tok = AutoTokenizer.from_pretrained(tiny_causal_lm_dir)
-    model = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir)
+    model = LlamaForCausalLM.from_pretrained(tiny_causal_lm_dir, attn_implementation="sdpa")
+    assert use_packed_sdpa(model)
     samples = []
     for q, a in [("What is 2 plus 3?", "5"), ("Say yes " * 9, "yes yes"), ("Hi", "the answer is 42")]:
         enc = encode_conversation(tok, "vicuna_v1", conv(q, a))

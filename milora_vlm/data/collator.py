@@ -13,7 +13,8 @@ transformers' DataCollatorWithFlattening, each sample's first label is IGNORE_IN
 trained to predict the next sample's first (that label is never a target on the padded path either, where the
 shift drops it). pixel_values follow the image tokens in row-major order, which is the order LLaVA's masked_scatter
 fills them in, so every image's features land on its own tokens. The batch is the same samples as on the padded
-path: same labels, same supervised tokens, so the token-averaged loss is the padded loss.
+path: same labels, same supervised tokens, so the token-averaged loss is the padded loss. Under sdpa the pipeline
+also switches attention to one call per sample (milora_vlm.model.packed_attention).
 """
 
 from __future__ import annotations
@@ -60,8 +61,7 @@ class ConversationCollator:
     image_shape: Optional[tuple[int, int, int]] = None  # (3, H, W) of the blank image
     vision_keepalive: bool = False
     packing: bool = False
-    # Packed rows hold at most this many tokens (None: the whole batch in one row, as flash-attention needs).
-    # eager / sdpa build each row's full row x row mask and attention, so bounding the row bounds that cost.
+    # Packed rows hold at most this many tokens (None: the whole batch in one row); see packed_row_tokens.
     row_tokens: Optional[int] = None
 
     def __call__(self, features: list[dict]) -> dict:
@@ -134,22 +134,54 @@ class ConversationCollator:
         return batch
 
 
+def packed_row_tokens(max_length: int, attn_implementation: Optional[str] = None) -> Optional[int]:
+    """The packed row capacity the pipeline uses. flash-attention: None (one row; it reads packed sequences from
+    position_ids only in a single row). Otherwise two max-length samples' worth: wider rows balance better (on an
+    LLaVA-665K-like mix, 8 samples a batch, rows of 2048 tokens are ~0.95 useful, rows of 4096 ~0.99;
+    bench/packing.py), while transformers still builds a row x row mask, and eager attention computes all of it."""
+    return None if "flash" in str(attn_implementation) else 2 * max_length
+
+
 def pack_rows(lengths: list[int], capacity: Optional[int] = None) -> list[list[int]]:
-    """Which samples go in which row: as few rows of at most `capacity` tokens as this greedy finds, their totals
-    balanced (longest sample first, each into the row with the fewest tokens) so that the rows' common width wastes
-    little. Each row lists its samples in batch order. capacity None: one row."""
+    """Which samples go in which row (each row lists its samples in batch order). capacity None: one row.
+
+    The rows are padded to the longest, so the layout minimises rows x longest row: for each row count that can
+    hold the batch, the samples are dealt longest first to the row with the fewest tokens, then single moves and
+    swaps out of the longest row shorten it while they can. Hand-written: neither transformers nor TRL packs a
+    fixed set of samples into several balanced rows (TRL's best-fit packing fills rows from a whole dataset)."""
     if capacity is None:
         return [list(range(len(lengths)))]
     if max(lengths) > capacity:
         raise ValueError(f"a sample of {max(lengths)} tokens does not fit a packed row of {capacity}")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best: Optional[tuple[int, list[list[int]]]] = None
     for k in range(max(1, math.ceil(sum(lengths) / capacity)), len(lengths) + 1):
-        rows: list[list[int]] = [[] for _ in range(k)]
-        totals = [0] * k
-        for i in order:
-            r = min(range(k), key=totals.__getitem__)
-            rows[r].append(i)
-            totals[r] += lengths[i]
-        if max(totals) <= capacity:
-            return [sorted(row) for row in rows if row]
-    raise AssertionError("unreachable: one sample per row always fits")
+        if best is not None and k * max(lengths) >= best[0]:
+            break  # no layout with more rows can be smaller
+        rows, width = _balanced_rows(lengths, k)
+        if width <= capacity and (best is None or k * width < best[0]):
+            best = (k * width, rows)
+    return [sorted(row) for row in best[1]]
+
+
+def _balanced_rows(lengths: list[int], k: int) -> tuple[list[list[int]], int]:
+    rows: list[list[int]] = [[] for _ in range(k)]
+    totals = [0] * k
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = min(range(k), key=totals.__getitem__)
+        rows[r].append(i)
+        totals[r] += lengths[i]
+    while True:  # each change lowers the longest row's total, so this ends
+        m = max(range(k), key=totals.__getitem__)
+        change = next(((r, a, b) for r in range(k) if r != m for a in rows[m] for b in [None, *rows[r]]
+                       if 0 < lengths[a] - (0 if b is None else lengths[b]) < totals[m] - totals[r]), None)
+        if change is None:
+            return rows, totals[m]
+        r, a, b = change
+        d = lengths[a] - (0 if b is None else lengths[b])
+        rows[m].remove(a)
+        rows[r].append(a)
+        if b is not None:
+            rows[r].remove(b)
+            rows[m].append(b)
+        totals[m] -= d
+        totals[r] += d

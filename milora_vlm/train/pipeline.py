@@ -87,7 +87,7 @@ def model_dtype(recipe: Recipe, args) -> torch.dtype:
 
 def run(recipe: Recipe) -> str:
     """Train; returns the output directory (final adapter or model, recipe, logs, loss_curve.png)."""
-    from milora_vlm.data.collator import ConversationCollator
+    from milora_vlm.data.collator import ConversationCollator, packed_row_tokens
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.model.build import load_model
     from milora_vlm.model.trainable import apply_trainable, count_parameters
@@ -110,6 +110,11 @@ def run(recipe: Recipe) -> str:
         raise ConfigError(
             f"data.max_length {recipe.data.max_length} cannot hold one image ({loaded.num_image_tokens} image tokens)"
         )
+    if recipe.data.packing:
+        from milora_vlm.model.packed_attention import use_packed_sdpa
+
+        if use_packed_sdpa(loaded.model):
+            logger.info("packed batches: sdpa attention runs per sample (milora_vlm.model.packed_attention)")
     model = apply_trainable(loaded.model, recipe)
     if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the adapter's grads flowing.
@@ -135,8 +140,7 @@ def run(recipe: Recipe) -> str:
         image_shape=(3, vcfg.image_size, vcfg.image_size) if is_llava else None,
         vision_keepalive=is_llava and distributed.world_size() > 1,
         packing=d.packing,
-        # flash-attention reads packed sequences from position_ids only in a single row
-        row_tokens=None if "flash" in str(loaded.model.config.get_text_config()._attn_implementation) else d.max_length,
+        row_tokens=packed_row_tokens(d.max_length, loaded.model.config.get_text_config()._attn_implementation),
     )
     callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
     if os.environ.get(REFERENCE_ENV):
