@@ -70,7 +70,8 @@ class ReferenceLogitsCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}  # use_cache
+        logits = model(**inputs).logits.float().cpu()
         model.train(was_training)
         if state.is_world_process_zero:
             torch.save({"batch": batch, "logits": logits}, os.path.join(args.output_dir, REFERENCE_LOGITS))
