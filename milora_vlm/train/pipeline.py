@@ -17,7 +17,7 @@ import torch
 from milora_vlm.config import ConfigError, Recipe, load_recipe, parse_overrides
 
 from . import distributed
-from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback
+from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StartupTimes
 from .checkpoint import check_resume_compatible, resolve_resume
 from .guards import TrainingStopped
 from .skips import SkipCounter
@@ -95,17 +95,23 @@ def run(recipe: Recipe) -> str:
     from .trainer import MiLoRATrainer
 
     t0 = time.time()
+    startup = StartupTimes()
+    startup.mark("imports")
     distributed.init_distributed(recipe.deepspeed is not None)
+    startup.mark("process_group")
     _setup_logging()
     if distributed.rank() == 0:
         prepare_model_and_data(recipe)
     distributed.barrier()
+    startup.mark("bootstrap")
 
     resume = resolve_resume(recipe.training.get("resume_from_checkpoint"), recipe.output_dir)
     if resume is not None:
         check_resume_compatible(recipe, resume)
     args = training_arguments(recipe)  # before from_pretrained: ZeRO-3 loads partitioned
+    startup.mark("training_arguments")
     loaded = load_model(recipe.model, model_dtype(recipe, args))
+    startup.mark("model_load")
     if loaded.num_image_tokens >= recipe.data.max_length:
         raise ConfigError(
             f"data.max_length {recipe.data.max_length} cannot hold one image ({loaded.num_image_tokens} image tokens)"
@@ -116,6 +122,7 @@ def run(recipe: Recipe) -> str:
         if use_packed_sdpa(loaded.model):
             logger.info("packed batches: sdpa attention runs per sample (milora_vlm.model.packed_attention)")
     model = apply_trainable(loaded.model, recipe)
+    startup.mark("adapter_and_decomposition")
     if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the adapter's grads flowing.
         model.enable_input_require_grads()
@@ -142,7 +149,7 @@ def run(recipe: Recipe) -> str:
         packing=d.packing,
         row_tokens=packed_row_tokens(d.max_length, loaded.model.config.get_text_config()._attn_implementation),
     )
-    callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
+    callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir))), startup]
     if os.environ.get(REFERENCE_ENV):
         callbacks.append(ReferenceLogitsCallback(dataset, collator, int(os.environ[REFERENCE_ENV])))
     trainer = MiLoRATrainer(
@@ -157,6 +164,7 @@ def run(recipe: Recipe) -> str:
     )
     if args.should_save:
         recipe.save(recipe.output_dir)
+    startup.mark("data_and_trainer")
     trainer.train(resume_from_checkpoint=resume)
     trainer.nonfinite.raise_if_tripped(recipe.output_dir, trainer.state.global_step)
     samples, reasons = trainer.skip_counter.totals()
