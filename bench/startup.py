@@ -4,7 +4,7 @@ model load and MiLoRA's decomposition.
 1. imports: `python -c "import X"` in fresh processes (interleaved, median of --repeats), X from a bare interpreter
    to the training pipeline's module;
 2. launcher: `deepspeed --num_gpus 2` running an empty script (its own runner and launch processes, both of
-   which import deepspeed and torch, before any worker starts);
+   which import deepspeed and torch, before any worker starts), and torchrun (one process importing torch) alike;
 3. op: DeepSpeed's CPU all-reduce op (ShareMemCommBuilder), loaded from the torch extensions cache, and with
    --cold-op-build also compiled into an empty cache (what the first run on a machine pays);
 4. run: the tiny LLaVA ZeRO-2 recipe for one step (`scripts/train_vlm.py --max_steps 1`), with the phases rank 0
@@ -77,6 +77,8 @@ def main() -> None:
         empty = os.path.join(tmp, "empty.py")
         open(empty, "w").close()
         out["launcher_empty_script_s"] = round(statistics.median(timed(launcher(empty))[0] for _ in range(args.repeats)), 2)
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), empty]
+        out["torchrun_empty_script_s"] = round(statistics.median(timed(torchrun)[0] for _ in range(args.repeats)), 2)
         out["op_load_cached_s"] = round(timed([sys.executable, "-c", OP])[0], 2)
         if args.cold_op_build:
             out["op_build_cold_s"] = round(timed([sys.executable, "-c", OP], _env(TORCH_EXTENSIONS_DIR=tmp))[0], 2)
