@@ -7,8 +7,8 @@ model load and MiLoRA's decomposition.
    which import deepspeed and torch, before any worker starts), and torchrun (one process importing torch) alike;
 3. op: DeepSpeed's CPU all-reduce op (ShareMemCommBuilder), loaded from the torch extensions cache, and with
    --cold-op-build also compiled into an empty cache (what the first run on a machine pays);
-4. run: the tiny LLaVA ZeRO-2 recipe for one step (`scripts/train_vlm.py --max_steps 1`), with the phases rank 0
-   logs (milora_vlm.train.callbacks.StartupTimes) and the wall time from launch to exit.
+4. run: the tiny LLaVA ZeRO-2 recipe for one step (`scripts/train_vlm.py --max_steps 1`) under each launcher,
+   with the phases rank 0 logs (milora_vlm.train.callbacks.StartupTimes) and the wall time from launch to exit.
 
     python bench/startup.py [--repeats 3] [--cold-op-build] [--zero configs/zero3.json]
 """
@@ -58,6 +58,11 @@ def launcher(script: str, *args: str) -> list[str]:
             script, *args]
 
 
+def torchrun(script: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+            script, *args]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -77,8 +82,7 @@ def main() -> None:
         empty = os.path.join(tmp, "empty.py")
         open(empty, "w").close()
         out["launcher_empty_script_s"] = round(statistics.median(timed(launcher(empty))[0] for _ in range(args.repeats)), 2)
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()), empty]
-        out["torchrun_empty_script_s"] = round(statistics.median(timed(torchrun)[0] for _ in range(args.repeats)), 2)
+        out["torchrun_empty_script_s"] = round(statistics.median(timed(torchrun(empty))[0] for _ in range(args.repeats)), 2)
         out["op_load_cached_s"] = round(timed([sys.executable, "-c", OP])[0], 2)
         if args.cold_op_build:
             out["op_build_cold_s"] = round(timed([sys.executable, "-c", OP], _env(TORCH_EXTENSIONS_DIR=tmp))[0], 2)
@@ -90,14 +94,16 @@ def main() -> None:
                   "--data.image_folder", os.path.join(tmp, "images")]
         script = os.path.join(ROOT, "scripts", "train_vlm.py")
         timed(launcher(script, *recipe, "--output_dir", run_dir))  # bootstrap: builds the tiny model and data once, warms the caches
-        runs = []
-        for _ in range(args.repeats):
-            wall, proc = timed(launcher(script, *recipe, "--output_dir", run_dir + str(len(runs))))
-            found = re.search(r"start-up seconds: (\{.*\})", proc.stdout + proc.stderr)
-            if not found:
-                raise SystemExit("no start-up line in the run's log")
-            runs.append({"wall_s": round(wall, 2), **json.loads(found.group(1))})
-    out["run_1_step"] = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+        runs: dict[str, list[dict]] = {"deepspeed": [], "torchrun": []}
+        for i in range(args.repeats):  # the two launchers interleaved
+            for name, launch in (("deepspeed", launcher), ("torchrun", torchrun)):
+                wall, proc = timed(launch(script, *recipe, "--output_dir", f"{run_dir}_{name}{i}"))
+                found = re.search(r"start-up seconds: (\{.*\})", proc.stdout + proc.stderr)
+                if not found:
+                    raise SystemExit("no start-up line in the run's log")
+                runs[name].append({"wall_s": round(wall, 2), **json.loads(found.group(1))})
+    for name, rs in runs.items():
+        out[f"run_1_step_{name}"] = {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
     out["zero"] = os.path.basename(args.zero)
     out["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(out), flush=True)
