@@ -14,7 +14,7 @@ import dataclasses
 import json
 import sys
 
-from milora_vlm.demo.base_model import INFO_FILE, BaseModelSpec, build_base_model, is_built
+from milora_vlm.demo.spec import INFO_FILE, BaseModelSpec, is_built
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_built(args.output) and not args.force:
         print(f"base model already built: {args.output} (see {INFO_FILE}; --force rebuilds)")
         return 0
+    from milora_vlm.demo.base_model import build_base_model  # torch and transformers: only to build
+
     spec = BaseModelSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BaseModelSpec)})
     info = build_base_model(args.data, args.output, spec, log_dir=args.logging_dir)
     print(json.dumps({k: info[k] for k in ("vision", "align", "knowledge", "seconds")}, indent=2))

@@ -100,6 +100,10 @@ class DataSection:
     allow_images_outside_folder: bool = field(default=False, metadata={
         "help": "false skips and counts records whose image path resolves outside image_folder (../x.png, absolute "
                 "paths, symlinks out: image_outside_folder)"})
+    packing: bool = field(default=False, metadata={
+        "help": "padding-free batches: each batch's samples laid end to end in rows (at most 2 x max_length tokens; "
+                "one row under flash-attention), attention confined to each sample by per-sample position_ids; same "
+                "samples, labels and loss as the padded batch (milora_vlm.data.collator)"})
 
 
 @dataclass

@@ -45,49 +45,7 @@ from milora_vlm.data.templates import IGNORE_INDEX, encode_conversation, get_tem
 from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
 from .easyvqa import COLORS, SHAPES
-
-INFO_FILE = "demo_base.json"
-
-
-@dataclass
-class BaseModelSpec:
-    """Sizes and schedule of the demo's base model. The defaults are what scripts/demo.sh builds."""
-
-    image_size: int = 64  # easy-VQA's own size; at 32 px the smallest shapes become a few pixels
-    patch_size: int = 8  # 64 image tokens; patch 16 (16 tokens) cannot tell small shapes apart
-    vision_hidden: int = 128
-    vision_layers: int = 4
-    text_hidden: int = 128
-    text_layers: int = 4
-    vocab_size: int = 512
-    # Measured 2026-11-23: without a prefix space an answer's first word ("circle") is a different token from the
-    # same word inside a caption (" circle"), so the shape words the base model says in captions are not the
-    # ones the new task needs, and LoRA/MiLoRA (whose frozen output layer has never been trained on those
-    # tokens) stalled at a near-uniform answer distribution (loss 2.2; full finetuning 1.2 after 100 steps).
-    tokenizer_prefix_space: bool = True
-    template: str = "chatml"  # short prompts (one token per marker): cheap on a CPU
-    batch_size: int = 64
-    vision_epochs: int = 10
-    vision_lr: float = 1e-3
-    align_epochs: int = 2
-    knowledge_epochs: int = 2
-    lm_lr: float = 2e-3
-    # Keep the captions in stage 3's mix (as LLaVA's stage-2 mix keeps image descriptions). Measured 2026-11-23:
-    # without them stage 3 (colour questions only, projector trained) lets the shape information go, and LoRA or
-    # MiLoRA on the language model then cannot learn shape questions at all (always one shape, loss flat at 2.2).
-    knowledge_with_captions: bool = True
-    # Ask stage 3's captions as a chat question (LLaVA's instruction mix has "describe the image" conversations) so
-    # the base model answers two kinds of question and must read the question to know which answer it owes; None:
-    # the captions stay in stage 2's plain format (CLI: --caption-prompt ""). Measured 2026-11-23 (the demo, 20%
-    # replay): with plain captions MiLoRA kept 0% of the old task (it answered a shape to every question); with
-    # this prompt it kept 99.8% (base 99.8%) and reached 97.9% on the new one.
-    caption_prompt: str | None = "describe the image."
-    train_family: str = "old"
-    max_images: int | None = None  # cut-down sizes for tests
-    max_questions: int | None = None
-    check_questions: int = 500  # test questions of the family scored (teacher-forced) at the end
-    seed: int = 0
-
+from .spec import INFO_FILE, BaseModelSpec, is_built  # noqa: F401 (is_built: part of this module's interface)
 
 # ---------------------------------------------------------------------------------------------------------------
 # data
@@ -396,8 +354,3 @@ def build_base_model(data_dir: str, output: str, spec: BaseModelSpec | None = No
     if writer is not None:
         writer.close()
     return info
-
-
-def is_built(path: str) -> bool:
-    """A finished base model: weights, processor and the info file (written last)."""
-    return os.path.isfile(os.path.join(path, INFO_FILE)) and os.path.isfile(os.path.join(path, "config.json"))

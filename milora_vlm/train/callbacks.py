@@ -99,7 +99,41 @@ class ReferenceLogitsCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        logits = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}  # use_cache
+        logits = model(**inputs).logits.float().cpu()
         model.train(was_training)
         if state.is_world_process_zero:
             torch.save({"batch": batch, "logits": logits}, os.path.join(args.output_dir, REFERENCE_LOGITS))
+
+
+class StartupTimes(TrainerCallback):
+    """Where a run's start-up goes, logged once (rank 0) after the first step and read by bench/startup.py:
+    imports = process start to `mark("imports")`; then each `mark(phase)` since the previous one; the DeepSpeed
+    engine / ZeRO set-up (inside Trainer.train, before on_train_begin) and the first step."""
+
+    LOG_PREFIX = "start-up seconds:"
+
+    def __init__(self):
+        import psutil  # a DeepSpeed dependency
+
+        self.process_start = psutil.Process().create_time()
+        self.last = self.process_start
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        import time
+
+        now = time.time()
+        self.phases[phase] = round(now - self.last, 2)
+        self.last = now
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.mark("engine_and_zero_init")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.mark("first_step")
+            if state.is_world_process_zero:
+                import json
+
+                logger.info("%s %s", self.LOG_PREFIX, json.dumps(self.phases))

@@ -19,7 +19,7 @@ from milora_vlm.config import ConfigError, Recipe, describe_keys, load_recipe, p
 from milora_vlm.data.dataset import NoTrainableRecords
 
 from . import distributed
-from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StitchedScheduleNote
+from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StartupTimes, StitchedScheduleNote
 from .checkpoint import check_resume_compatible, resolve_resume, run_signature
 from .guards import DiskFull, TrainingStopped
 from .skips import SkipCounter
@@ -105,7 +105,7 @@ def model_dtype(recipe: Recipe, args) -> torch.dtype:
 
 def run(recipe: Recipe) -> str:
     """Train; returns the output directory (final adapter or model, recipe, logs, loss_curve.png)."""
-    from milora_vlm.data.collator import ConversationCollator
+    from milora_vlm.data.collator import ConversationCollator, packed_row_tokens
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.model.load import load_for_training
     from milora_vlm.model.trainable import apply_trainable, count_parameters
@@ -113,7 +113,10 @@ def run(recipe: Recipe) -> str:
     from .trainer import MiLoRATrainer
 
     t0 = time.time()
+    startup = StartupTimes()
+    startup.mark("imports")
     distributed.init_distributed(recipe.deepspeed is not None)
+    startup.mark("process_group")
     _setup_logging()
     for note in resolve_hardware(recipe):  # before any loading: never a traceback minutes later
         if distributed.rank() == 0:
@@ -121,6 +124,7 @@ def run(recipe: Recipe) -> str:
     if distributed.rank() == 0:
         prepare_model_and_data(recipe)
     distributed.barrier()
+    startup.mark("bootstrap")
 
     os.makedirs(recipe.output_dir, exist_ok=True)
     storage = distributed.storage_layout(recipe.output_dir, bool(recipe.training.get("save_on_each_node", False)))
@@ -135,12 +139,20 @@ def run(recipe: Recipe) -> str:
     if resume is not None:
         check_resume_compatible(recipe, resume, signature)
     args = training_arguments(recipe, storage.node_local)  # before from_pretrained: ZeRO-3 loads partitioned
+    startup.mark("training_arguments")
     loaded = load_for_training(recipe.model, model_dtype(recipe, args))
+    startup.mark("model_load")
     if loaded.num_image_tokens >= recipe.data.max_length:
         raise ConfigError(
             f"data.max_length {recipe.data.max_length} cannot hold one image ({loaded.num_image_tokens} image tokens)"
         )
+    if recipe.data.packing:
+        from milora_vlm.model.packed_attention import use_packed_sdpa
+
+        if use_packed_sdpa(loaded.model):
+            logger.info("packed batches: sdpa attention runs per sample (milora_vlm.model.packed_attention)")
     model = apply_trainable(loaded.model, recipe)
+    startup.mark("adapter_and_decomposition")
     if getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", False):
         # Frozen embeddings give checkpointed blocks inputs without grad; this keeps the adapter's grads flowing.
         model.enable_input_require_grads()
@@ -169,8 +181,10 @@ def run(recipe: Recipe) -> str:
         num_image_tokens=loaded.num_image_tokens,
         image_shape=(3, vcfg.image_size, vcfg.image_size) if is_llava else None,
         vision_keepalive=is_llava and distributed.world_size() > 1,
+        packing=d.packing,
+        row_tokens=packed_row_tokens(d.max_length, loaded.model.config.get_text_config()._attn_implementation),
     )
-    callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir)))]
+    callbacks = [LossCurveCallback(title=os.path.basename(os.path.abspath(recipe.output_dir))), startup]
     if resume is not None:
         saved = _saved_max_steps(resume)
         if saved is not None:
@@ -191,6 +205,7 @@ def run(recipe: Recipe) -> str:
     )
     if args.should_save:
         recipe.save(recipe.output_dir)
+    startup.mark("data_and_trainer")
     trainer.train(resume_from_checkpoint=resume)
     trainer.nonfinite.raise_if_tripped(recipe.output_dir, trainer.state.global_step)
     samples, reasons = trainer.skip_counter.totals()
