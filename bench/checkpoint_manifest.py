@@ -17,14 +17,12 @@ import datetime
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from milora_vlm.train.checkpoint import missing_parts, write_manifest  # noqa: E402
+from milora_vlm.train.checkpoint import missing_parts, write_manifest
 
 RUN = {"world_size": 1, "deepspeed": True, "zero_stage": 2}
 

@@ -109,3 +109,9 @@ def test_help_of_heavy_scripts_exits_zero(tmp_path):
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("usage:") == len(heavy), proc.stdout[-3000:]
+
+
+def test_no_path_hacks_in_benchmarks():
+    """bench/ scripts import the installed package too (a sys.path hack would hide a missing install)."""
+    for p in sorted((REPO / "bench").glob("*.py")):
+        assert "sys.path.insert" not in p.read_text(encoding="utf-8"), f"{p.relative_to(REPO)}: no path hack"
