@@ -100,7 +100,7 @@ DROPS = {
     "empty_answer": {"id": "bad", "conversations": [human("q"), gpt("")]},
     "bad_image_field": {"id": "bad", "image": ["red.png", "red.png"], "conversations": [human("<image>\nq"), gpt("a")]},
     "image_token_in_answer": {"id": "bad", "image": "red.png", "conversations": [human("q"), gpt("<image>\na")]},
-    "image_token_count": {"id": "bad", "image": "red.png", "conversations": [human("<image>\n<image>\nq"), gpt("a")]},
+    "image_placeholder_count": {"id": "bad", "image": "red.png", "conversations": [human("<image>\n<image>\nq"), gpt("a")]},
     "image_token_without_image": {"id": "bad", "conversations": [human("<image>\nq"), gpt("a")]},
     "missing_image": {"id": "bad", "image": "nowhere.png", "conversations": [human("<image>\nq"), gpt("a")]},
     "corrupt_image": {"id": "bad", "image": "truncated.png", "conversations": [human("<image>\nq"), gpt("a")]},

@@ -35,8 +35,7 @@ REASONS: dict[str, str] = {
     "bad_image_field": "`image` is not one non-empty path string (multi-image lists are not supported)",
     "image_without_vision_model": "training: a record with an image, for a model without a vision tower",
     "image_token_in_answer": "`<image>` inside an assistant turn",
-    "image_token_count": "data_prep: an image and more than one `<image>` (which one is it?)",
-    "image_placeholder_count": "training: an image and more than one `<image>` (data_prep calls it image_token_count)",
+    "image_placeholder_count": "an image and more than one `<image>` (which one is it?)",
     "image_token_without_image": "`<image>` in a record without an image",
     # length
     "too_long": "more tokens than the maximum length (data.too_long: drop, or data_prep's --max-length)",

@@ -189,7 +189,7 @@ def check_record(
         if not has_image and total:
             raise SkipSample("image_token_without_image", f"{total} {IMAGE_PLACEHOLDER} but no 'image'")
         if has_image and total > 1:
-            raise SkipSample("image_token_count", f"{total} {IMAGE_PLACEHOLDER} placeholders for one image")
+            raise SkipSample("image_placeholder_count", f"{total} {IMAGE_PLACEHOLDER} placeholders for one image")
         if has_image and counts[start] == 0:
             turns = own_turns()
             if total == 0:
@@ -254,7 +254,6 @@ def image_tokens_from_processor(path: str) -> int | None:
     Asks the processor itself (on a blank image) rather than re-deriving its formula. None when the
     directory holds no image processor (a plain tokenizer).
     """
-    from PIL import Image
     from transformers import AutoProcessor
 
     try:
@@ -263,11 +262,10 @@ def image_tokens_from_processor(path: str) -> int | None:
         return None
     if getattr(proc, "image_processor", None) is None or not hasattr(proc, "image_token_id"):
         return None
-    from milora_vlm.model.load import check_llava_processor
+    from milora_vlm.model.load import check_llava_processor, count_image_tokens
 
     check_llava_processor(proc, path)  # a clear error (ConfigError) instead of a TypeError below
-    enc = proc(images=Image.new("RGB", (64, 64)), text=proc.image_token, return_tensors=None)
-    return sum(1 for t in enc["input_ids"][0] if t == proc.image_token_id)
+    return count_image_tokens(proc, proc.image_token_id)
 
 
 def load_tokenizer(path: str):
