@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("data_prep", "eval", "scripts")
                  for p in (REPO / d).glob("*.py"))
 # Scripts whose --help imports torch, transformers, PEFT or DeepSpeed (seconds each on a 2-core box): checked in

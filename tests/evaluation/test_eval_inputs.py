@@ -11,8 +11,7 @@ import pytest
 
 from milora_vlm.evaluation.exact import score_exact
 from milora_vlm.evaluation.inputs import EvalInputError, load_predictions
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def _load_script(name):

@@ -30,8 +30,7 @@ from milora_vlm.evaluation.generation import (
 )
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.model.load import load_for_inference
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def _load_script(name):
@@ -403,7 +402,7 @@ def _free_port():
 def test_torchrun_ranks_split_and_merge(tiny_causal_lm_dir, tmp_path):
     q = _jsonl(tmp_path / "q.jsonl", [{"instruction": f"Say {k}."} for k in range(5)])
     out = tmp_path / "answers.jsonl"
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            os.path.join(REPO, "eval", "generate.py"), "--model", str(tiny_causal_lm_dir), "--question-file", q,
            "--answers-file", str(out), "--template", "alpaca", "--max-new-tokens", "4", "--no-progress"]

@@ -16,8 +16,7 @@ from milora_vlm.data import records
 from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records
 from milora_vlm.data.templates import encode_conversation
 from milora_vlm.data.validation import CheckConfig, check_record
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def load_script(name: str):

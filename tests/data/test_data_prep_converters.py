@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from milora_vlm.data.templates import encode_conversation, render_pieces, get_template
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SHORT = "Answer the question using a single word or phrase."
 
 

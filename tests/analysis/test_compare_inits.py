@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-ROOT = pathlib.Path(__file__).parents[1]
+from tests.helpers import REPO
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("compare_inits", ROOT / "scripts" / "compare_inits.py")
+    spec = importlib.util.spec_from_file_location("compare_inits", REPO / "scripts" / "compare_inits.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -12,8 +12,7 @@ from milora_vlm.evaluation.gsm8k import score_gsm8k
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.math_equivalence import score_math, strip_string
 from milora_vlm.evaluation.milora_grader import gsm8k_equal, is_equiv, math_equal
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def _jsonl(path, rows):

@@ -7,15 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from milora_vlm.config import ConfigError, load_recipe
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 PAPER_RECIPE = REPO / "configs" / "llava15_7b_milora.yaml"
 
 
