@@ -1,7 +1,6 @@
 """Answer generation on tiny saved models: prompts, left-padded batches, stop strings, resuming after a kill,
 adapter directories, chunks and per-rank merging; and the shared image preprocessing."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -30,17 +29,10 @@ from milora_vlm.evaluation.generation import (
 )
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.model.load import load_for_inference
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}_cli", os.path.join(REPO, "eval", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_cli = _load_script("generate")
+generate_cli = load_script("eval/generate.py", "eval_generate_cli")
 
 
 def _jsonl(path, rows):
