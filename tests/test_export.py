@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_milora_apply import batch, load_model, logits, milora_config, train_step
 from transformers import AutoTokenizer, LlavaProcessor
 
 from milora_vlm.export import export_lora
 from milora_vlm.milora import apply_milora, save_milora
+from tests.helpers import load_script
+from tests.helpers.milora_models import batch, load_model, logits, milora_config, train_step
 
 
-def _load_cli():
-    """scripts/ is not a package: load the CLI module from its file, to call main() in-process."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "export_adapter.py"
-    spec = importlib.util.spec_from_file_location("export_adapter_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-export_cli = _load_cli()
+export_cli = load_script("scripts/export_adapter.py", "export_adapter_cli").main  # main() called in-process
 
 
 @pytest.fixture(params=[("llava", "offset"), ("llava", "subtract"), ("llama", "offset")], ids=lambda p: "-".join(p))

@@ -4,7 +4,7 @@ Data preparation (data_prep/*, milora_vlm.data.validation: records dropped from 
 training (milora_vlm.data.dataset: records passed over, counted by milora_vlm.train.skips as `skipped/<reason>`)
 and evaluation (questions skipped by eval/generate.py) all raise `SkipSample(reason, detail)` with a reason from
 `REASONS`, so the data_prep report and the training counters name a bad record the same way. An unregistered
-reason is a programming error and fails at once (and tests/test_skips.py checks every reason raised in the code).
+reason is a programming error and fails at once (and tests/data/test_skips.py checks every reason raised in the code).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ by construction, with no per-round length arithmetic (the source of LLaVA's "tok
 after which LLaVA trains nothing on the sample). Generation prompts are built by the same code, so training
 and inference see identical token sequences. Training, evaluation and data validation all go through this file.
 
-Which reference each template equals (pinned token for token by tests/test_template_fidelity.py):
+Which reference each template equals (pinned token for token by tests/data/test_template_fidelity.py):
 vicuna_v1: LLaVA-1.5's conv_vicuna_v1 + preprocess_v1 (training) and model_vqa_loader (generation);
 plain: LLaVA's conv_llava_plain + preprocess_plain; llama3 / chatml: the tokenizer's own chat template
 (Meta-Llama-3-Instruct's, ChatML's); alpaca: LLM-Adapters' generate_and_tokenize_prompt with the

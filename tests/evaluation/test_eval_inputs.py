@@ -1,7 +1,6 @@
 """Malformed scoring inputs give errors naming file, line and field (or counted warnings), never a quiet score;
 and eval/score.py's command line."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,18 +10,10 @@ import pytest
 
 from milora_vlm.evaluation.exact import score_exact
 from milora_vlm.evaluation.inputs import EvalInputError, load_predictions
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}_cli", os.path.join(REPO, "eval", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
-score_cli = _load_script("score")
+score_cli = load_script("eval/score.py", "eval_score_cli")
 
 
 def _jsonl(path, rows):

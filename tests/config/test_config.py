@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from milora_vlm.config import ConfigError, build_recipe, load_recipe, parse_overrides
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture

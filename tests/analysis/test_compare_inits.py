@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -12,14 +11,11 @@ import pytest
 import torch
 import yaml
 
-ROOT = pathlib.Path(__file__).parents[1]
+from tests.helpers import load_script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_inits", ROOT / "scripts" / "compare_inits.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_compare_inits():
+    return load_script("scripts/compare_inits.py", "compare_inits")
 
 
 def write_jsonl(path: pathlib.Path, rows) -> None:
@@ -65,7 +61,7 @@ def test_quick_study_runs_every_init_and_resumes(tmp_path, tiny_llava_dir):
     recipe_path = tmp_path / "recipe.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "study"
-    script = load_script()
+    script = load_compare_inits()
     threads = torch.get_num_threads()
     try:  # one thread: tiny matrices on a shared CPU are several times faster so (see --threads)
         results = script.main(["--recipe", str(recipe_path), "--output", str(out), "--quick", "--seeds", "3", "4",

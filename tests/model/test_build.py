@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,8 +24,7 @@ from milora_vlm.model.load import load_for_training
 from milora_vlm.model.tiny import build_tiny_causal_lm, tiny_image_processor, tiny_vision_config
 from milora_vlm.model.trainable import apply_trainable, language_model_regex
 from milora_vlm.train.trainer import optimizer_groups
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def plain_tokenizer() -> PreTrainedTokenizerFast:

@@ -3,9 +3,7 @@ with its id and line, and every good record comes out byte-for-byte as it went i
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import os
 from pathlib import Path
 
@@ -16,20 +14,15 @@ from milora_vlm.data import records
 from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records
 from milora_vlm.data.templates import encode_conversation
 from milora_vlm.data.validation import CheckConfig, check_record
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    """Import data_prep/<name>.py (a script folder, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_script
 
 
-llava_instruct = load_script("llava_instruct")
+def load_prep(name: str):
+    """Import data_prep/<name>.py as a module."""
+    return load_script(f"data_prep/{name}.py", f"data_prep_{name}")
+
+
+llava_instruct = load_prep("llava_instruct")
 
 
 def human(v):

@@ -1,7 +1,6 @@
 """Answer generation on tiny saved models: prompts, left-padded batches, stop strings, resuming after a kill,
 adapter directories, chunks and per-rank merging; and the shared image preprocessing."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -30,18 +29,10 @@ from milora_vlm.evaluation.generation import (
 )
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.model.load import load_for_inference
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"eval_{name}_cli", os.path.join(REPO, "eval", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import REPO, load_script
 
 
-generate_cli = _load_script("generate")
+generate_cli = load_script("eval/generate.py", "eval_generate_cli")
 
 
 def _jsonl(path, rows):
@@ -403,7 +394,7 @@ def _free_port():
 def test_torchrun_ranks_split_and_merge(tiny_causal_lm_dir, tmp_path):
     q = _jsonl(tmp_path / "q.jsonl", [{"instruction": f"Say {k}."} for k in range(5)])
     out = tmp_path / "answers.jsonl"
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            os.path.join(REPO, "eval", "generate.py"), "--model", str(tiny_causal_lm_dir), "--question-file", q,
            "--answers-file", str(out), "--template", "alpaca", "--max-new-tokens", "4", "--no-progress"]

@@ -21,8 +21,7 @@ from milora_vlm.demo.easyvqa import (
     image_labels,
     is_negated,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def q(text: str, answer: str, image_id: int = 0, index: int = 0) -> Question:

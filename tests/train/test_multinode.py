@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_fault_tolerance import (REPO, SCRIPT, ZERO2, ZERO3, adapter, command, deepspeed_launcher, environment, free_port,
-                                  losses)
 
 from milora_vlm.train.checkpoint import MANIFEST, STAGING_DIR, missing_parts
+from tests.train.test_fault_tolerance import (REPO, SCRIPT, ZERO2, ZERO3, adapter, command, deepspeed_launcher, environment, free_port,
+                                         losses)
 
 pytestmark = pytest.mark.slow
 NODES = 2

@@ -2,9 +2,7 @@
 util.is_equiv, MATH_inference.py, gsm8k_inference.py), each rule pinned with a minimal case read off its code;
 and gold solutions without a braced \\boxed{...}, which the references score wrong instead of stopping."""
 
-import importlib.util
 import json
-import os
 
 import pytest
 
@@ -12,8 +10,7 @@ from milora_vlm.evaluation.gsm8k import score_gsm8k
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.math_equivalence import score_math, strip_string
 from milora_vlm.evaluation.milora_grader import gsm8k_equal, is_equiv, math_equal
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import load_script
 
 
 def _jsonl(path, rows):
@@ -134,9 +131,7 @@ def test_gold_without_braced_boxed_is_scored_wrong_and_named(tmp_path, protocol)
 
 
 def test_score_cli_protocol_flag(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("eval_score_cli_p", os.path.join(REPO, "eval", "score.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("eval/score.py", "eval_score_cli_p")
     questions = _jsonl(tmp_path / "test.jsonl", [{"question": "q", "answer": "#### 18"}])
     answers = _answers(tmp_path / "a.jsonl", ["The answer is: 1800"])
     assert cli.main(["--task", "gsm8k", "--predictions", answers, "--questions", questions, "--protocol", "milora"]) == 0

@@ -3,33 +3,27 @@ and every unusable entry counted with its id and position."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from milora_vlm.data.templates import encode_conversation, render_pieces, get_template
+from tests.helpers import load_script
 
-REPO = Path(__file__).resolve().parents[1]
 SHORT = "Answer the question using a single word or phrase."
 
 
-def load_script(name: str):
-    """Import data_prep/<name>.py (a script folder, not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def load_prep(name: str):
+    """Import data_prep/<name>.py as a module."""
+    return load_script(f"data_prep/{name}.py", f"data_prep_{name}")
 
 
 from milora_vlm.cli import prep_vqa as vqa  # noqa: E402  (the tool; data_prep/vqa_to_conversations.py wraps it)
-commonsense = load_script("commonsense170k")
-metamath = load_script("metamathqa")
-llava_instruct = load_script("llava_instruct")
+commonsense = load_prep("commonsense170k")
+metamath = load_prep("metamathqa")
+llava_instruct = load_prep("llava_instruct")
 
 
 def write_json(path: Path, doc) -> str:

@@ -32,9 +32,9 @@ from milora_vlm.data.skips import SkipSample
 from milora_vlm.model.tiny import tiny_image_processor
 from milora_vlm.train.guards import DiskFull, check_skip_fraction, naming_disk_full
 from milora_vlm.train.skips import SkipCounter
-from test_data_prep import llava_instruct  # the data_prep script, imported once by its tests
+from tests.helpers import REPO
+from tests.data.test_data_prep import llava_instruct  # the data_prep script, imported once by its tests
 
-REPO = Path(__file__).resolve().parents[1]
 IMAGE_TOKENS = 17  # tiny_llava_dir: (32 / 8)^2 patches + CLS
 
 
@@ -250,7 +250,7 @@ def test_non_utf8_byte_is_a_report_entry_in_data_prep(tmp_path):
 
 
 def test_non_utf8_byte_in_the_converters(tmp_path, capsys):
-    from test_data_prep_converters import commonsense, vqa
+    from tests.data.test_data_prep_converters import commonsense, vqa
 
     array = tmp_path / "commonsense_170k.json"  # one bad record of an array: a report entry, the rest converted
     array.write_bytes(b'[{"instruction": "q\xe9", "input": "", "output": "a"},\n'

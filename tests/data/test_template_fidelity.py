@@ -1,4 +1,4 @@
-"""Token-for-token equality of every template with its reference (tests/_llava_reference.py), in input_ids and
+"""Token-for-token equality of every template with its reference (tests/helpers/llava_reference.py), in input_ids and
 labels, for training samples (through the training dataset) and generation prompts (through eval's prompt
 builder), on a Llama-type sentencepiece tokenizer (legacy True and False) and on the project's byte-level one."""
 
@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import _llava_reference as ref
 from milora_vlm.data.dataset import ConversationDataset
 from milora_vlm.data.templates import IGNORE_INDEX, encode_conversation, get_template
 from milora_vlm.evaluation.generation import AnswerGenerator, GenerationSettings, Question
 from milora_vlm.model.tiny import tiny_image_processor
+from tests.helpers import llava_reference as ref
 
 N_IMG = 5  # image tokens per <image> (576 for CLIP 336/14; the count does not change the text around it)
 

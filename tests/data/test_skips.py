@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 import pytest
 
 from milora_vlm.data.skips import NOTES, REASONS, REPAIRS, SkipRecord, SkipSample
 from milora_vlm.data.validation import DROPPED, REPAIRED, Issue
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for d in ("milora_vlm", "data_prep", "eval", "scripts") for p in sorted((ROOT / d).rglob("*.py"))]
+SOURCES = [p for d in ("milora_vlm", "data_prep", "eval", "scripts") for p in sorted((REPO / d).rglob("*.py"))]
 # Helpers that build a reason from the field they were asked for: SkipSample(f"bad_{name}") (the format converters)
 FIELD_HELPERS = {"text_field", "_int_field"}
 
@@ -46,10 +45,10 @@ def _raised_reasons() -> dict[str, list[str]]:
             if not args:
                 continue
             for reason in _literals(args[0]):
-                found.setdefault(reason, []).append(f"{path.relative_to(ROOT)}:{call.lineno}")
+                found.setdefault(reason, []).append(f"{path.relative_to(REPO)}:{call.lineno}")
         for call in _calls(tree, FIELD_HELPERS):
             if len(call.args) >= 2 and isinstance(call.args[1], ast.Constant):
-                found.setdefault(f"bad_{call.args[1].value}", []).append(f"{path.relative_to(ROOT)}:{call.lineno}")
+                found.setdefault(f"bad_{call.args[1].value}", []).append(f"{path.relative_to(REPO)}:{call.lineno}")
     return found
 
 

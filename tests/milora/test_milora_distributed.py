@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from milora_vlm.milora import MiLoRAConfig, apply_milora, load_milora
 from milora_vlm.milora.distributed import WAVE_PER_RANK, plan_waves
 from milora_vlm.milora.targets import find_targets
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
 
 
@@ -53,14 +53,14 @@ def dist_run(tmp_path_factory, tiny_causal_lm_dir):
     if shutil.which("deepspeed") is None:
         pytest.fail("the deepspeed launcher is not on PATH (activate the project's virtual environment)")
     out = tmp_path_factory.mktemp("dist_milora")
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [
         "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
-        str(ROOT / "tests" / "_dist_milora.py"),
+        str(REPO / "tests" / "helpers" / "dist_milora.py"),
         "--model", str(tiny_causal_lm_dir), "--out", str(out), "--config", json.dumps(FIELDS),
     ]  # fmt: skip
     # own process group, so that a hung run (ranks waiting on each other) is killed whole
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""Worker for tests/test_milora_distributed.py, run by `deepspeed --num_gpus 2` on CPU (gloo).
+"""Worker for tests/milora/test_milora_distributed.py, run by `deepspeed --num_gpus 2` on CPU (gloo).
 
 Scenarios, in order, each writing rank{R}_{name}.safetensors (adapter values) and rank{R}_{name}.json (report):
   replicated   weights on every rank (the ZeRO-2 case): plain from_pretrained, then apply_milora

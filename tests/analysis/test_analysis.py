@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from milora_vlm import analysis as an
+from tests.helpers import load_script
 
 
 @pytest.fixture(autouse=True)
@@ -327,9 +328,6 @@ def test_forgetting_ce_matches_a_direct_computation(tiny_lm):
 
 def test_cli_on_milora_peft_and_full_checkpoints(tmp_path, tiny_causal_lm_dir):
     """scripts/analyze_subspace.py on three kinds of checkpoint of one base; each saved with its own library."""
-    import importlib.util
-    import pathlib
-
     from milora_vlm.milora.apply import apply_milora
     from milora_vlm.milora.config import MiLoRAConfig
     from milora_vlm.milora.persist import save_milora
@@ -355,9 +353,7 @@ def test_cli_on_milora_peft_and_full_checkpoints(tmp_path, tiny_causal_lm_dir):
         full.model.layers[0].self_attn.k_proj.weight.add_((U[:, -1:] @ Vh[-1:]).float())
     full.save_pretrained(tmp_path / "full")
 
-    spec = importlib.util.spec_from_file_location("analyze_subspace", pathlib.Path(__file__).parents[1] / "scripts" / "analyze_subspace.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/analyze_subspace.py", "analyze_subspace")
     out = tmp_path / "out"
     reports = cli.main(["--base", str(tiny_causal_lm_dir), "--output", str(out), "--adapter", str(tmp_path / "milora"),
                         "--adapter", str(tmp_path / "lora"), "--modules", "k_proj", "--layers", "0"])

@@ -20,8 +20,8 @@ import torch
 
 from milora_vlm.config import load_recipe
 from milora_vlm.train.checkpoint import missing_parts
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train_vlm.py")
 pytestmark = pytest.mark.slow
 
@@ -238,7 +238,7 @@ def test_stage1_projector_only_saves_a_full_model(tmp_path, work):
 def test_packed_batches_train_under_zero(zero, work):
     """data.packing on 2 ranks: ZeRO-2 packs batches of 4 mixed records, ZeRO-3 one record a rank (the text-only
     rank packs the keepalive image's tokens as a segment of their own); the saved adapter reproduces the trained
-    model on a packed batch. Packed == padded loss and logits are pinned in tests/test_packing.py."""
+    model on a packed batch. Packed == padded loss and logits are pinned in tests/data/test_packing.py."""
     data, batch = ("shapes.jsonl", "4") if zero == "zero2" else ("two.jsonl", "1")
     train(["--config", f"configs/tiny/llava_milora_{zero}.yaml", *common(work, f"packed_{zero}"), "--data.train_file",
            str(work / data), "--per_device_train_batch_size", batch, "--max_steps", "2", "--save_steps", "2",

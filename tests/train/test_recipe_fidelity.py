@@ -7,15 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from milora_vlm.config import ConfigError, load_recipe
+from tests.helpers import REPO, load_script
 
-REPO = Path(__file__).resolve().parent.parent
 PAPER_RECIPE = REPO / "configs" / "llava15_7b_milora.yaml"
 
 
@@ -139,8 +138,7 @@ def test_paper_llava_recipe_starts_on_cpu_with_only_paths_overridden(tmp_path, t
 
 
 def test_merged_export_reads_base_from_adapter_config_and_carries_the_recipe(tiny_causal_lm_dir, tmp_path):
-    import importlib.util
-
+    
     from transformers import AutoModelForCausalLM
 
     from milora_vlm.model.load import recipe_template
@@ -151,9 +149,7 @@ def test_merged_export_reads_base_from_adapter_config_and_carries_the_recipe(tin
     run = tmp_path / "run"
     save_milora(model, run / "checkpoint-1")  # a checkpoint inside a run's output_dir, which holds the recipe
     (run / "milora_recipe.yaml").write_text("data:\n  template: alpaca\n")
-    spec = importlib.util.spec_from_file_location("export_cli", REPO / "scripts" / "export_adapter.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/export_adapter.py", "export_cli")
     cli.main(["--adapter", str(run / "checkpoint-1"), "--to", "merged", "--output", str(tmp_path / "merged")])
     assert (tmp_path / "merged" / "model.safetensors").exists()
     assert recipe_template(tmp_path / "merged") == "alpaca"

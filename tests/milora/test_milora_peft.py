@@ -14,13 +14,13 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel
-from test_milora_apply import batch, load_model, logits, milora_config, train_step
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerControl, TrainerState, TrainingArguments
 
 from milora_vlm.milora import MiLoRACheckpointCallback, MiLoRAConfig, apply_milora, load_milora, save_milora
 from milora_vlm.milora.offset import MiLoRALinear, frozen_factors
 from milora_vlm.milora.persist import REFUSAL, load_adapter_weights
 from milora_vlm.milora.targets import find_targets
+from tests.helpers.milora_models import batch, load_model, logits, milora_config, train_step
 
 REFUSED = r"Invalid task type: 'MILORA_ADAPTER.*load_milora.*export_adapter"
 

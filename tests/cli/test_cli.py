@@ -5,7 +5,6 @@ run as `python <file>` from another directory (no sys.path tricks: the installed
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO, load_script
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.relative_to(REPO).as_posix() for d in ("data_prep", "eval", "scripts")
                  for p in (REPO / d).glob("*.py"))
 # Scripts whose --help imports torch, transformers, PEFT or DeepSpeed (seconds each on a 2-core box): checked in
@@ -38,9 +38,7 @@ def resolve(target: str):
 
 
 def load_file(rel: str):
-    spec = importlib.util.spec_from_file_location("wrapper_" + rel.replace("/", "_")[:-3], REPO / rel)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(rel, "wrapper_" + rel.replace("/", "_")[:-3])
     return module
 
 

@@ -31,8 +31,8 @@ from milora_vlm.train.checkpoint import (MANIFEST, STAGING_DIR, check_run_compat
                                          latest_complete_checkpoint, missing_parts, publish, read_manifest, staging_dir,
                                          trusted_deepspeed_loads, write_manifest)
 from milora_vlm.train.guards import TrainingStopped, check_skip_fraction
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train_vlm.py")
 ZERO2 = "configs/tiny/llava_milora_zero2.yaml"
 

@@ -1,0 +1,1 @@
+"""Tests of milora_vlm/milora/ (and milora_vlm/dist.py, which it uses)."""
