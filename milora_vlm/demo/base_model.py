@@ -4,9 +4,9 @@ This is a toy base-model builder, not the product pipeline (scripts/train_vlm.py
 so the demo makes its own "pretrained" LLaVA, in three short stages that mirror how a real one is made:
 
 1. vision:    the CLIP-style ViT is trained as a shape + colour classifier on the training images (labels read
-              off the questions; a real LLaVA's tower comes CLIP-pretrained). Measured on this project's 2-core
-              box: trained only through the language-model loss the tower does not learn at this scale (the model
-              sits at the answer prior), trained directly it reaches ~99% colour and shape accuracy in 2 minutes.
+              off the questions; a real LLaVA's tower comes CLIP-pretrained). Trained only through the
+              language-model loss the tower does not learn at this scale (the model sits at the answer prior;
+              design notes); trained directly it learns colour and shape in about 2 minutes on 2 cores.
               Shape is learnt too, so the features carry what the "new task" will need later.
 2. alignment: projector + language model learn to caption each image ("a red circle"), LLaVA's stage 1 (the
               LM is trained too: unlike Vicuna it starts from random weights and must learn its words here).

@@ -11,8 +11,7 @@ shape?" -> "red") and the open shape questions the "new task" ("what is the blue
 model has never been asked about shapes (and never produced a shape word as an answer), both families share the
 question form, and a model that forgets starts answering colour questions with shape words.
 The yes/no questions are left out of the default because the demo's tiny base model does not learn them in the
-time the demo has (measured 2026-11-23: trained on the raw mix it answers every yes/no question with the majority
-answer of its form; on a yes/no-balanced mix its loss stayed at chance for 500 steps). "attribute" (old = all
+time the demo has (README, "The main job": it answers the majority answer of each form). "attribute" (old = all
 colour questions, new = all shape questions, training answers balanced), "question-type" (open vs yes/no) and
 "none" (one family with everything) are there for larger models.
 """
@@ -164,8 +163,8 @@ def balance_yes_no(questions: list[Question], rng: random.Random) -> tuple[list[
 
     Why: easy-VQA asks "is there a red shape?" mostly about colours the image does not have (8 colours), so "no"
     is right 7 times in 8, and the reverse for the negated forms. Trained on the raw mix the demo's base model
-    learns that prior and never the comparison (measured: 100% on open colour questions, and exactly the
-    majority answer on every yes/no question, 86.5% on them). Balanced, the prior is worth nothing.
+    learns that prior and never the comparison (it gives the majority answer of every yes/no form). Balanced, the
+    prior is worth nothing.
     """
     groups: dict[tuple[str, bool, str], list[int]] = {}
     for i, q in enumerate(questions):
@@ -195,8 +194,8 @@ def _eval_question(q: Question) -> dict:
     return {"question_id": q.qid, "image": q.image, "text": q.text, "answer": q.answer, "category": q.category}
 
 
-# Old-family questions replayed in stage 2, as a fraction of the new family's. Measured 2026-11-23 (demo, MiLoRA,
-# seeds 0-2): 20% kept 99.8 / 95.2 / 91.9% of the old task, 40% kept 99.6 / 99.8 / 99.8% (base 99.8%).
+# Old-family questions replayed in stage 2, as a fraction of the new family's: with 20% some seeds lost more than
+# the 2-point target of the old task, with 40% none did (README, "Replay, and seeds").
 DEFAULT_REPLAY = 0.4
 
 

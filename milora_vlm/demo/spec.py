@@ -21,31 +21,27 @@ class BaseModelSpec:
     text_hidden: int = 128
     text_layers: int = 4
     vocab_size: int = 512
-    # Measured 2026-11-23: without a prefix space an answer's first word ("circle") is a different token from the
-    # same word inside a caption (" circle"), so the shape words the base model says in captions are not the
-    # ones the new task needs, and LoRA/MiLoRA (whose frozen output layer has never been trained on those
-    # tokens) stalled at a near-uniform answer distribution (loss 2.2; full finetuning 1.2 after 100 steps).
+    # Without a prefix space an answer's first word ("circle") is a different token from the same word inside a
+    # caption (" circle"): the new task's answers would be tokens the frozen output layer never produced, and
+    # LoRA/MiLoRA stall at a near-uniform answer (README, "The main job").
     tokenizer_prefix_space: bool = True
     template: str = "chatml"  # short prompts (one token per marker): cheap on a CPU
     batch_size: int = 64
     vision_epochs: int = 10
     vision_lr: float = 1e-3
-    # One epoch each of stages 2 and 3 (two until 2026-11-30). Measured 2026-11-30 (the demo, seeds 0-2, base built
-    # with OMP_NUM_THREADS=1): base 100% on the old task, MiLoRA 98.97 / 98.65 / 99.05% new and 100% old, against
-    # 98.0 / 97.6 / 97.9% and 99.6-99.8% with two epochs each; half of these stages' steps (183 instead of 366).
-    # The tower's 10 epochs stay: with 5 its shape accuracy fell to 86.6% and MiLoRA's new task to 85.8%.
+    # One epoch each of stages 2 and 3 meets the demo's targets on seeds 0-2 at half the steps of two; the tower
+    # needs its 10 epochs for shape accuracy (BENCHMARKS.md, "easy-VQA demo").
     align_epochs: int = 1
     knowledge_epochs: int = 1
     lm_lr: float = 2e-3
-    # Keep the captions in stage 3's mix (as LLaVA's stage-2 mix keeps image descriptions). Measured 2026-11-23:
-    # without them stage 3 (colour questions only, projector trained) lets the shape information go, and LoRA or
-    # MiLoRA on the language model then cannot learn shape questions at all (always one shape, loss flat at 2.2).
+    # Keep the captions in stage 3's mix (as LLaVA's stage-2 mix keeps image descriptions): without them stage 3
+    # (colour questions only, projector trained) lets the shape information go, and adapters on the language model
+    # cannot learn shape questions at all (README, "The main job").
     knowledge_with_captions: bool = True
     # Ask stage 3's captions as a chat question (LLaVA's instruction mix has "describe the image" conversations) so
     # the base model answers two kinds of question and must read the question to know which answer it owes; None:
-    # the captions stay in stage 2's plain format (CLI: --caption-prompt ""). Measured 2026-11-23 (the demo, 20%
-    # replay): with plain captions MiLoRA kept 0% of the old task (it answered a shape to every question); with
-    # this prompt it kept 99.8% (base 99.8%) and reached 97.9% on the new one.
+    # the captions stay in stage 2's plain format (CLI: --caption-prompt ""). With plain captions MiLoRA answered a
+    # shape to every question and lost the old task (README, "The base must read the question").
     caption_prompt: str | None = "describe the image."
     train_family: str = "old"
     max_images: int | None = None  # cut-down sizes for tests
