@@ -1,6 +1,5 @@
 """GQA, POPE, ScienceQA, MME, commonsense and exact-match scoring: parsing rules and metrics, worked by hand."""
 
-import json
 
 import pytest
 
@@ -11,16 +10,7 @@ from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.mme import mme_answer, score_mme
 from milora_vlm.evaluation.pope import binary_metrics, pope_answer, score_pope
 from milora_vlm.evaluation.scienceqa import score_scienceqa, scienceqa_letter
-
-
-def _write(path, obj):
-    path.write_text(json.dumps(obj))
-    return str(path)
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from tests.helpers.files import write_json as _write, write_jsonl as _jsonl
 
 
 def _answers(path, pairs):

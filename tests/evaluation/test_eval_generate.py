@@ -30,14 +30,10 @@ from milora_vlm.evaluation.generation import (
 from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.model.load import load_for_inference
 from tests.helpers import REPO, load_script
+from tests.helpers.files import write_jsonl as _jsonl
 
 
 generate_cli = load_script("eval/generate.py", "eval_generate_cli")
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _lines(path):

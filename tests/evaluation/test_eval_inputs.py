@@ -11,14 +11,10 @@ import pytest
 from milora_vlm.evaluation.exact import score_exact
 from milora_vlm.evaluation.inputs import EvalInputError, load_predictions
 from tests.helpers import REPO, load_script
+from tests.helpers.files import write_jsonl as _jsonl
 
 
 score_cli = load_script("eval/score.py", "eval_score_cli")
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """GSM8K and MATH scoring: MetaMath's answer extraction, Hendrycks' normalisation, numeric / symbolic equality."""
 
-import json
 
 import pytest
 
@@ -14,11 +13,7 @@ from milora_vlm.evaluation.math_equivalence import (
     score_math,
     strip_string,
 )
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from tests.helpers.files import write_jsonl as _jsonl
 
 
 @pytest.mark.parametrize(

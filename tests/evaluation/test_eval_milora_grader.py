@@ -11,11 +11,7 @@ from milora_vlm.evaluation.inputs import EvalInputError
 from milora_vlm.evaluation.math_equivalence import score_math, strip_string
 from milora_vlm.evaluation.milora_grader import gsm8k_equal, is_equiv, math_equal
 from tests.helpers import load_script
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from tests.helpers.files import write_jsonl as _jsonl
 
 
 def _answers(path, texts):

@@ -1,6 +1,5 @@
 """VQAv2 / VizWiz / TextVQA scoring: every normalisation rule and the 10-annotator accuracy, worked by hand."""
 
-import json
 
 import pytest
 
@@ -21,6 +20,7 @@ from milora_vlm.evaluation.vqa import (
     vizwiz_accuracy,
     vqa_accuracy,
 )
+from tests.helpers.files import write_json as _write, write_jsonl as _jsonl
 
 
 @pytest.mark.parametrize(
@@ -135,16 +135,6 @@ def test_vizwiz_table_differs_from_vqas_only_in_apostrophes():
 def test_textvqa_normalises_both():
     assert textvqa_accuracy("Coca-Cola", ["coca cola"] * 10) == 1.0
     assert textvqa_accuracy("coca cola", ["Coca-Cola"] * 3 + ["pepsi"] * 7) == pytest.approx(0.9)
-
-
-def _write(path, obj):
-    path.write_text(json.dumps(obj))
-    return str(path)
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _vqa_ann(qid, answers, answer_type, question_type="what color"):
