@@ -26,6 +26,7 @@ from .templates import (
     ASSISTANT_ROLES,
     HUMAN_ROLES,
     IMAGE_PLACEHOLDER,
+    drop_leading_assistant,
     encode_conversation,
     get_template,
     render_pieces,
@@ -152,9 +153,10 @@ def check_record(
             raise SkipSample("bad_role", f"turn {roles.index('system', start)}: a system turn is only allowed first")
         if start == len(roles):
             raise SkipSample("empty_conversation", "only a system turn")
-        if roles[start] == "gpt" and len(roles) - start > 1:
+        kept = drop_leading_assistant(convs)  # the same rule as training's data.leading_assistant: drop_turn
+        if len(kept) < len(convs):
             repair("leading_assistant_turn", f"removed turn {start}, an assistant turn before any question")
-            convs = convs[:start] + convs[start + 1 :]
+            convs = kept
             roles = roles[:start] + roles[start + 1 :]
             out["conversations"] = convs
         for k, role in enumerate(roles[start:]):
