@@ -31,8 +31,8 @@ from milora_vlm.config import Recipe
 from milora_vlm.data.collator import SKIPS_KEY
 
 from . import distributed
-from .checkpoint import (clear_staging, publish, staging_dir, trusted_deepspeed_loads, write_deepspeed_latest,
-                         write_manifest)
+from .checkpoint import (clear_staging, publish, run_signature as signature_of, staging_dir, trusted_deepspeed_loads,
+                         write_deepspeed_latest, write_manifest)
 from .guards import DiskFull, NonFiniteGuard, check_skip_fraction, naming_disk_full
 from .sampler import ModalityLengthGroupedSampler
 from .skips import SkipCounter
@@ -63,8 +63,7 @@ class MiLoRATrainer(Trainer):
         self.recipe = recipe
         # who publishes checkpoints on this rank's disk, and what the manifest records about the run
         self.storage = storage or distributed.Storage(tuple(range(self.args.world_size)), False)
-        self.run_signature = run_signature or {"world_size": self.args.world_size, "deepspeed": self.is_deepspeed_enabled,
-                                               "zero_stage": None, "save_only_model": self.args.save_only_model}
+        self.run_signature = run_signature or signature_of(recipe, self.args.world_size)
         self.skip_counter = skip_counter
         # fp16: DeepSpeed's / the AMP loss scaler owns gradient overflow skips, so only the loss is judged
         self.nonfinite = NonFiniteGuard(recipe.guards.max_consecutive_nonfinite, judge_grads=not self.args.fp16)
@@ -243,7 +242,8 @@ class MiLoRATrainer(Trainer):
             except (OSError, RuntimeError) as e:
                 error = e
         # every rank stops, none waits forever
-        errors = [e for e in distributed.gather_object(None if error is None else f"rank {distributed.rank()}: {error}") if e]
+        mine = None if error is None else f"rank {distributed.rank()}: {error}"
+        errors = [e for e in distributed.gather_object(mine) if e]
         if isinstance(error, DiskFull):
             raise error
         if errors:
