@@ -10,9 +10,6 @@ import os
 import re
 from typing import Iterable, Iterator
 
-# Image paths and decoding live in images.py; re-exported here for the callers that read records and images.
-from .images import load_image, resolve_image_path  # noqa: F401
-
 
 class RecordFileError(ValueError):
     """A conversation file that cannot be read at all (not one bad record: the whole file)."""

@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from milora_vlm.data.images import process_images
-from milora_vlm.data.records import load_image
+from milora_vlm.data.images import load_image
 from milora_vlm.data.subset import seeded_subset as _subset
 from milora_vlm.data.templates import IGNORE_INDEX, encode_conversation, get_template
 from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
 from .easyvqa import COLORS, SHAPES
-from .spec import INFO_FILE, BaseModelSpec, is_built  # noqa: F401 (is_built: part of this module's interface)
+from .spec import INFO_FILE, BaseModelSpec
 
 # ---------------------------------------------------------------------------------------------------------------
 # data

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from milora_vlm.data.images import image_token_count, process_images
-from milora_vlm.data.records import RecordWriter, load_image, resolve_image_path, write_records
+from milora_vlm.data.images import image_token_count, load_image, process_images, resolve_image_path
+from milora_vlm.data.records import RecordWriter, write_records
 from milora_vlm.data.skips import SkipSample
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER, Template, encode_conversation
 

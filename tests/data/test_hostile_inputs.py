@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,8 @@ import yaml
 from PIL import Image
 
 from milora_vlm.config import ConfigError, load_recipe
-from milora_vlm.data import images as images_mod
 from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
-from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
+from milora_vlm.data.dataset import ConversationDataset
 from milora_vlm.data.images import expand_to_square, load_image, mean_color, process_images
 from milora_vlm.data.records import iter_records
 from milora_vlm.data.skips import SkipSample
