@@ -1,14 +1,17 @@
-"""Where a DeepSpeed training run's start-up goes on CPU: imports, the launcher, the JIT-built op, ZeRO set-up,
-model load and MiLoRA's decomposition.
+"""Where a DeepSpeed training run's start-up goes on CPU: imports, the launcher, DeepSpeed's JIT-built op, ZeRO
+set-up, model load and MiLoRA's decomposition.
 
 1. imports: `python -c "import X"` in fresh processes (interleaved, median of --repeats), X from a bare interpreter
    to the training pipeline's module;
 2. launcher: `deepspeed --num_gpus 2` running an empty script (its own runner and launch processes, both of
    which import deepspeed and torch, before any worker starts), and torchrun (one process importing torch) alike;
 3. op: DeepSpeed's CPU all-reduce op (ShareMemCommBuilder), loaded from the torch extensions cache, and with
-   --cold-op-build also compiled into an empty cache (what the first run on a machine pays);
+   --cold-op-build also compiled into an empty cache: what a run would pay at its first start on a machine if it
+   let DeepSpeed build the op (milora_vlm.train.distributed.skip_deepspeed_shm_op: it does not);
 4. run: the tiny LLaVA ZeRO-2 recipe for one step (`scripts/train_vlm.py --max_steps 1`) under each launcher,
    with the phases rank 0 logs (milora_vlm.train.callbacks.StartupTimes) and the wall time from launch to exit.
+   The runs start on an empty torch extensions cache, as on a fresh machine; "ops_built_by_runs" lists what they
+   compiled into it.
 
     python bench/startup.py [--repeats 3] [--cold-op-build] [--zero configs/zero3.json]
 """
@@ -93,15 +96,19 @@ def main() -> None:
                   "--model.path", os.path.join(tmp, "llava"), "--data.train_file", os.path.join(tmp, "shapes.jsonl"),
                   "--data.image_folder", os.path.join(tmp, "images")]
         script = os.path.join(ROOT, "scripts", "train_vlm.py")
-        timed(launcher(script, *recipe, "--output_dir", run_dir))  # bootstrap: builds the tiny model and data once, warms the caches
+        cache = os.path.join(tmp, "extensions")
+        os.makedirs(cache)
+        run_env = _env(TORCH_EXTENSIONS_DIR=cache)
+        timed(launcher(script, *recipe, "--output_dir", run_dir), run_env)  # bootstrap: builds the tiny model and data once, warms the caches
         runs: dict[str, list[dict]] = {"deepspeed": [], "torchrun": []}
         for i in range(args.repeats):  # the two launchers interleaved
             for name, launch in (("deepspeed", launcher), ("torchrun", torchrun)):
-                wall, proc = timed(launch(script, *recipe, "--output_dir", f"{run_dir}_{name}{i}"))
+                wall, proc = timed(launch(script, *recipe, "--output_dir", f"{run_dir}_{name}{i}"), run_env)
                 found = re.search(r"start-up seconds: (\{.*\})", proc.stdout + proc.stderr)
                 if not found:
                     raise SystemExit("no start-up line in the run's log")
                 runs[name].append({"wall_s": round(wall, 2), **json.loads(found.group(1))})
+        out["ops_built_by_runs"] = sorted(os.listdir(cache))
     for name, rs in runs.items():
         out[f"run_1_step_{name}"] = {k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]}
     out["zero"] = os.path.basename(args.zero)

@@ -39,28 +39,29 @@ def init_distributed(use_deepspeed: bool) -> None:
     if use_deepspeed:
         import deepspeed
 
+        if not torch.cuda.is_available():
+            skip_deepspeed_shm_op()
         deepspeed.init_distributed(dist_backend=backend)
-        release_deepspeed_shm()
     else:
         dist.init_process_group(backend=backend)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def release_deepspeed_shm() -> None:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer from /dev/shm, once every rank has mapped it.
+SHM_OP = "deepspeed_shm_comm"
 
-    Hand-written because DeepSpeed (0.19) creates a 66 MB POSIX shared-memory segment per rank, named by
-    MASTER_ADDR and MASTER_PORT, when all ranks of a CPU run are local, and never unlinks it: every run on a
-    new port leaves 66 MB x ranks in RAM-backed /dev/shm until the machine fills. The ranks keep their
-    mappings after the unlink, so training is unaffected and the memory goes back when the processes end,
-    killed ones included."""
-    if torch.cuda.is_available():
-        return
-    barrier()  # deepspeed.init_distributed returns once this rank has mapped its peers; wait for all
-    env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank()}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed (0.19) from JIT-building and starting its CPU shared-memory all-reduce op in a training run.
+
+    On CPU DeepSpeed's comm backend compiles that op with g++ at its first start (about 40 s on a 2-core box; again
+    whenever another Python environment built it last) and maps a 66 MB /dev/shm segment per rank that it never
+    unlinks. Only inference_all_reduce (AutoTP inference) uses the op; training reduces through torch.distributed
+    (gloo) either way. DeepSpeed builds it only when deepspeed.ops.__compatible_ops__ says it can, a dict it keeps
+    and lets callers edit (deepspeed/ops/__init__.py), so marking the op incompatible there is the whole switch."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
 
 
 @dataclass(frozen=True)

@@ -417,15 +417,18 @@ def test_training_onto_a_full_disk_names_enospc_and_the_path(tmp_path, tiny_caus
     assert f"train_vlm: error: no space left on device (ENOSPC) while saving to {full / 'out'}" in err
 
 
-def test_one_process_deepspeed_leaves_no_shm_buffer(tmp_path):
-    """The deepspeed launcher sets LOCAL_SIZE; with one local rank DeepSpeed maps a 66 MB /dev/shm buffer too."""
+def test_one_process_deepspeed_builds_no_shm_op_and_leaves_no_shm_buffer(tmp_path):
+    """DeepSpeed's CPU shared-memory all-reduce op (a g++ build at first start, and a 66 MB /dev/shm buffer per rank
+    it never unlinks; training does not use it) is neither built nor started; the deepspeed launcher sets
+    LOCAL_SIZE, with which one local rank maps the buffer too."""
     code = ("import os; from milora_vlm.train import distributed; distributed.init_distributed(True); "
-            "print('PORT', os.environ['MASTER_PORT'])")
+            "from deepspeed.comm import comm; print('PORT', os.environ['MASTER_PORT'], 'OP', comm.cdb.shm_comm_op)")
     env = dict(os.environ, LOCAL_SIZE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    port = proc.stdout.split("PORT ")[1].split()[0]
+    port, op = proc.stdout.split("PORT ")[1].split()[0], proc.stdout.split(" OP ")[1].split()[0]
+    assert op == "None" and "shm_comm_op built" not in proc.stdout + proc.stderr
     left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     for f in left:  # this test's own leftovers (named by its port)
         os.unlink(f)

@@ -46,7 +46,9 @@ def train(args: list[str], procs: int = 2, reference: int = 0, timeout: int = 60
         cmd = [sys.executable, SCRIPT, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
-    # DeepSpeed's CPU all-reduce buffers (66 MB per rank in RAM-backed /dev/shm) must not outlive a launched run.
+    # DeepSpeed's CPU all-reduce op is not built (g++ at first start) and its buffers (66 MB per rank in RAM-backed
+    # /dev/shm) do not outlive a launched run (milora_vlm.train.distributed.skip_deepspeed_shm_op).
+    assert "shm_comm_op built" not in proc.stdout + proc.stderr
     assert port is None or not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"), "a DeepSpeed shm buffer leaked"
     return proc
 
