@@ -9,10 +9,12 @@ changes on a shared machine hit all of them alike; the ratios are medians (and q
 (lora_control) is timed like the others: its ratio to LoRA shows how far the machine's noise alone moves a ratio.
 The load average is printed before and after.
 
-    python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
-    python bench/step_ratio.py --rounds 40 --dropout 0.05
-
-The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
+offset_gemm_estimate: the offset form's frozen path, s B0 A0 x forward and its input gradient backward, is four
+GEMMs per adapted matrix that LoRA does not have (x A0^T, (.) B0^T, g B0, (.) A0), whatever the implementation.
+Each round also times those GEMMs on their own, at every adapted matrix's shape and the batch's token count;
+offset_gemm_estimate = median over rounds of (LoRA step + their time) / LoRA step. Where GEMMs are compute-bound
+(the LLaMA-shaped stack) it is about the best an exact offset step can do; on the tiny model, where a step is
+mostly per-call overhead, the fused path (fewer, wider calls) can beat it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,26 @@ def step(model, inputs) -> tuple[float, float]:
     return elapsed
 
 
+def frozen_path_gemms(model, r: int, tokens: int):
+    """A function running the four GEMMs of the offset form's frozen path at every adapted matrix's shape, timed
+    like a step: (wall, CPU) seconds."""
+    g = torch.Generator().manual_seed(0)
+    operands = []
+    for t in find_targets(model):
+        out, inp = t.shape
+        operands.append((torch.randn(tokens, inp, generator=g), torch.randn(r, inp, generator=g),
+                         torch.randn(out, r, generator=g), torch.randn(tokens, out, generator=g)))
+
+    def run() -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        for x, A0, B0, gy in operands:
+            (x @ A0.T) @ B0.T  # forward: s B0 A0 x (the scaling is folded into the small matrices)
+            (gy @ B0) @ A0  # backward: the input gradient through the frozen path
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    return run
+
+
 def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int) -> dict:
     models = {}
     for name, kw in VARIANTS.items():
@@ -84,16 +106,20 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         if name == "offset_unfused":
             for t in find_targets(models[name]):
                 t.layer.lora_variant["default"] = _UnfusedOffset()
+    tokens = int(inputs["input_ids"].numel())
+    floor_gemms = frozen_path_gemms(models["offset"], r, tokens)
+    runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
+    runners["frozen_path_gemms"] = floor_gemms
     for _ in range(warmup):
-        for m in models.values():
-            step(m, inputs)
-    times = {name: [] for name in models}
+        for run in runners.values():
+            run()
+    times = {name: [] for name in runners}
     order = random.Random(0)
     for _ in range(rounds):
-        names = list(models)
+        names = list(runners)
         order.shuffle(names)  # no variant always runs right after the same other one
         for name in names:
-            times[name].append(step(models[name], inputs))
+            times[name].append(runners[name]())
     out = {"lora_dropout": dropout}
     for clock, i in (("wall", 0), ("cpu", 1)):
         lora = [t[i] for t in times["lora"]]
@@ -103,6 +129,8 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
             q = statistics.quantiles(ratios, n=4)
             out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),
                                             "iqr": [round(q[0], 4), round(q[2], 4)]}
+        estimates = [(l + t[i]) / l for t, l in zip(times["frozen_path_gemms"], lora)]
+        out[f"offset_gemm_estimate_{clock}"] = round(statistics.median(estimates), 4)
     return out
 
 

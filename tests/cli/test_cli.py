@@ -113,3 +113,22 @@ def test_no_path_hacks_in_benchmarks():
     """bench/ scripts import the installed package too (a sys.path hack would hide a missing install)."""
     for p in sorted((REPO / "bench").glob("*.py")):
         assert "sys.path.insert" not in p.read_text(encoding="utf-8"), f"{p.relative_to(REPO)}: no path hack"
+
+
+def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
+    """bench/step_ratio.py on a small stack: a ratio with quartiles per variant and clock, and the frozen path's
+    GEMM estimate above 1 (those GEMMs take time on top of a LoRA step)."""
+    import torch
+
+    bench = load_script("bench/step_ratio.py", "bench_step_ratio")
+    base = bench.llama_stack(hidden=64, intermediate=128, layers=1, vocab=64)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    inputs = {"input_ids": torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))}
+    row = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.05, inputs=inputs, rounds=4, warmup=1)
+    for clock in ("wall", "cpu"):
+        assert row[f"lora_median_{clock}_s"] > 0
+        for name in ("offset", "offset_unfused", "subtract", "lora_control"):
+            ratio = row[f"{name}_ratio_{clock}"]
+            assert ratio["median"] > 0 and ratio["iqr"][0] <= ratio["iqr"][1]
+        assert row[f"offset_gemm_estimate_{clock}"] > 1
