@@ -15,6 +15,11 @@ Each round also times those GEMMs on their own, at every adapted matrix's shape 
 offset_gemm_estimate = median over rounds of (LoRA step + their time) / LoRA step. Where GEMMs are compute-bound
 (the LLaMA-shaped stack) it is about the best an exact offset step can do; on the tiny model, where a step is
 mostly per-call overhead, the fused path (fewer, wider calls) can beat it.
+
+    python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
+    python bench/step_ratio.py --rounds 40 --dropout 0.05
+
+The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
 """
 
 from __future__ import annotations
@@ -106,10 +111,8 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         if name == "offset_unfused":
             for t in find_targets(models[name]):
                 t.layer.lora_variant["default"] = _UnfusedOffset()
-    tokens = int(inputs["input_ids"].numel())
-    floor_gemms = frozen_path_gemms(models["offset"], r, tokens)
     runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
-    runners["frozen_path_gemms"] = floor_gemms
+    runners["frozen_path_gemms"] = frozen_path_gemms(models["offset"], r, tokens=int(inputs["input_ids"].numel()))
     for _ in range(warmup):
         for run in runners.values():
             run()

@@ -54,7 +54,7 @@ SHM_OP = "deepspeed_shm_comm"
 def skip_deepspeed_shm_op() -> None:
     """Keep DeepSpeed (0.19) from JIT-building and starting its CPU shared-memory all-reduce op in a training run.
 
-    On CPU DeepSpeed's comm backend compiles that op with g++ at its first start (about 40 s on a 2-core box; again
+    On CPU DeepSpeed's comm backend compiles that op with g++ at its first start (32-37 s on a 2-core box; again
     whenever another Python environment built it last) and maps a 66 MB /dev/shm segment per rank that it never
     unlinks. Only inference_all_reduce (AutoTP inference) uses the op; training reduces through torch.distributed
     (gloo) either way. DeepSpeed builds it only when deepspeed.ops.__compatible_ops__ says it can, a dict it keeps
