@@ -465,18 +465,26 @@ def fault_rng() -> random.Random:
     return random.Random(seed)
 
 
+def kill_after_save_began_and_resume(args_for, work, full: str, killed: str, max_delay: float,
+                                     steps: int) -> tuple[int, bool, float]:
+    """Train `full` to the end; train `killed` and kill it a random delay (up to max_delay s) after the save of
+    checkpoint-4 began; resume it with `auto` and compare with `full`. Returns (checkpoint resumed from, whether
+    the kill landed inside that save, the delay)."""
+    run = launch(args_for(work, full), procs=2)
+    assert run.returncode == 0, run.stderr[-4000:]
+    delay = fault_rng().uniform(0.0, max_delay)
+    out = work / killed
+    kill_when(args_for(work, killed), out, f"{STAGING_DIR}/checkpoint-4", delay)
+    in_save = not (out / "checkpoint-4").exists()
+    return resume_and_compare(args_for(work, killed), work / full, out, steps), in_save, delay
+
+
 @pytest.mark.slow
 def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(work):
-    full = launch(zero2_args(work, "full"), procs=2)
-    assert full.returncode == 0, full.stderr[-4000:]
     # killed a random delay after the save of checkpoint-4 began: inside that save, in steps 5-6 or in the save of
     # checkpoint-6. The trigger is the save's start, not a finished checkpoint, and the delay short, so that even on
     # a fast machine the kill lands before the run's last save (measured on CI: 0.8 s after checkpoint-6 was too late)
-    delay = fault_rng().uniform(0.0, 0.4)
-    killed = work / "killed"
-    kill_when(zero2_args(work, "killed"), killed, f"{STAGING_DIR}/checkpoint-4", delay)
-    in_save = not (killed / "checkpoint-4").exists()
-    step = resume_and_compare(zero2_args(work, "killed"), work / "full", killed, 8)
+    step, in_save, delay = kill_after_save_began_and_resume(zero2_args, work, "full", "killed", 0.4, steps=8)
     assert step == 2 if in_save else step in (4, 6)
     print(f"killed {delay:.2f} s after the save of checkpoint-4 began; resumed from checkpoint-{step} to the same "
           "weights and losses")
@@ -484,16 +492,10 @@ def test_zero2_killed_at_a_random_step_resumes_to_the_same_weights_and_losses(wo
 
 @pytest.mark.slow
 def test_zero3_killed_in_or_after_a_save_resumes_to_the_same_weights_and_losses(work):
-    full = launch(zero3_args(work, "z3_full"), procs=2)
-    assert full.returncode == 0, full.stderr[-4000:]
     # killed a random delay after the save of checkpoint-4 began (its staging folder appeared): inside that save
     # (every rank writing its ZeRO-3 shards; the rename not done yet) or in steps 5-6; `auto` must then take
     # checkpoint-2 or checkpoint-4, never a half-written one
-    delay = fault_rng().uniform(0.0, 0.25)
-    killed = work / "z3_killed"
-    kill_when(zero3_args(work, "z3_killed"), killed, f"{STAGING_DIR}/checkpoint-4", delay)
-    in_save = not (killed / "checkpoint-4").exists()
-    step = resume_and_compare(zero3_args(work, "z3_killed"), work / "z3_full", killed, 6)
+    step, in_save, delay = kill_after_save_began_and_resume(zero3_args, work, "z3_full", "z3_killed", 0.25, steps=6)
     assert step == (2 if in_save else 4)
     print(f"killed {delay:.2f} s after the save of checkpoint-4 began ({'inside' if in_save else 'after'} the save); "
           f"resumed from checkpoint-{step} to the same weights and losses")
