@@ -16,6 +16,13 @@ offset_gemm_estimate = median over rounds of (LoRA step + their time) / LoRA ste
 (the LLaMA-shaped stack) it is about the best an exact offset step can do; on the tiny model, where a step is
 mostly per-call overhead, the fused path (fewer, wider calls) can beat it.
 
+offset_flop_floor: the same frozen path counted in multiply-adds instead of timed, 4 N r (in + out) FLOPs per
+adapted matrix, run at the best rate this machine reaches on this model's own shapes: each round also times the base
+layer's GEMM at the largest adapted matrix (N x in @ in x out, the step's most efficient call) and converts.
+offset_flop_floor = median over rounds of (LoRA step + frozen FLOPs / that rate) / LoRA step. An offset step that
+does LoRA's own part as LoRA does cannot go below it; only doing that part faster can (without dropout the fused
+path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
+
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
 
@@ -103,6 +110,25 @@ def frozen_path_gemms(model, r: int, tokens: int):
     return run
 
 
+def frozen_path_flops(model, r: int, tokens: int) -> int:
+    """Multiply-adds x 2 of the offset form's frozen path per step: 4 N r (in + out) per adapted matrix."""
+    return sum(4 * tokens * r * sum(t.shape) for t in find_targets(model))
+
+
+def peak_gemm(model, tokens: int):
+    """A function timing the base layer's GEMM at the largest adapted matrix: (wall, CPU) seconds, and its FLOPs."""
+    g = torch.Generator().manual_seed(1)
+    out, inp = max((t.shape for t in find_targets(model)), key=lambda s: s[0] * s[1])
+    x, w = torch.randn(tokens, inp, generator=g), torch.randn(out, inp, generator=g)
+
+    def run() -> tuple[float, float]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        x @ w.T
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    return run, 2 * tokens * inp * out
+
+
 def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int) -> dict:
     models = {}
     for name, kw in VARIANTS.items():
@@ -112,7 +138,10 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
             for t in find_targets(models[name]):
                 t.layer.lora_variant["default"] = _UnfusedOffset()
     runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
-    runners["frozen_path_gemms"] = frozen_path_gemms(models["offset"], r, tokens=int(inputs["input_ids"].numel()))
+    tokens = int(inputs["input_ids"].numel())
+    runners["frozen_path_gemms"] = frozen_path_gemms(models["offset"], r, tokens)
+    runners["peak_gemm"], peak_flops = peak_gemm(models["offset"], tokens)
+    frozen_flops = frozen_path_flops(models["offset"], r, tokens)
     for _ in range(warmup):
         for run in runners.values():
             run()
@@ -123,7 +152,7 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         order.shuffle(names)  # no variant always runs right after the same other one
         for name in names:
             times[name].append(runners[name]())
-    out = {"lora_dropout": dropout}
+    out = {"lora_dropout": dropout, "frozen_path_flops": frozen_flops}
     for clock, i in (("wall", 0), ("cpu", 1)):
         lora = [t[i] for t in times["lora"]]
         out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
@@ -134,6 +163,10 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
                                             "iqr": [round(q[0], 4), round(q[2], 4)]}
         estimates = [(l + t[i]) / l for t, l in zip(times["frozen_path_gemms"], lora)]
         out[f"offset_gemm_estimate_{clock}"] = round(statistics.median(estimates), 4)
+        rates = [peak_flops / t[i] for t in times["peak_gemm"]]
+        floors = [(l + frozen_flops / rate) / l for rate, l in zip(rates, lora)]
+        out[f"peak_gemm_gflops_{clock}"] = round(statistics.median(rates) / 1e9, 1)
+        out[f"offset_flop_floor_{clock}"] = round(statistics.median(floors), 4)
     return out
 
 

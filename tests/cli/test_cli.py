@@ -117,7 +117,7 @@ def test_no_path_hacks_in_benchmarks():
 
 def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
     """bench/step_ratio.py on a small stack: a ratio with quartiles per variant and clock, and the frozen path's
-    GEMM estimate above 1 (those GEMMs take time on top of a LoRA step)."""
+    GEMM estimate and FLOP floor above 1 (those GEMMs take time on top of a LoRA step)."""
     import torch
 
     bench = load_script("bench/step_ratio.py", "bench_step_ratio")
@@ -132,3 +132,6 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
             ratio = row[f"{name}_ratio_{clock}"]
             assert ratio["median"] > 0 and ratio["iqr"][0] <= ratio["iqr"][1]
         assert row[f"offset_gemm_estimate_{clock}"] > 1
+        assert row[f"offset_flop_floor_{clock}"] > 1 and row[f"peak_gemm_gflops_{clock}"] > 0
+    # 4 N r (in + out) per matrix: q, k, v, o are 64 x 64, gate and up 128 x 64, down 64 x 128
+    assert row["frozen_path_flops"] == 4 * 32 * 4 * (4 * 128 + 3 * 192)
