@@ -15,6 +15,8 @@ batches; the vision tower is left out because it sees the same images in every l
 
     python bench/packing.py                       # defaults below; prints JSON lines, then a summary line
     python bench/packing.py --samples 32 --hidden 128
+    python bench/packing.py --device cuda --dtype bf16 --samples 512 --batch 16 --hidden 2048 --layers 4   # a GPU
+On a GPU the device is synchronised around each step (bench/gpu_checks.sh).
 """
 
 from __future__ import annotations
@@ -63,9 +65,14 @@ def batches(samples: list[dict], order: list[int], batch: int):
 
 
 def step_time(model, batch: dict) -> float:
-    batch = {k: v for k, v in batch.items() if k != SKIPS_KEY}
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != SKIPS_KEY}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     model(**batch).loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -79,6 +86,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     load0 = os.getloadavg()
@@ -102,7 +111,8 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg).train()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = LlamaForCausalLM(cfg).to(args.device, dtype).train()
     use_packed_sdpa(model)
     step_time(model, layouts["packed"][0])  # warm-up
     seconds = {k: 0.0 for k in layouts}
@@ -123,7 +133,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "packing", "samples": args.samples, "batch": args.batch, "max_length": args.max_length,
         "row_tokens": packed_c.row_tokens,
-        "text_only": args.text_only, "hidden": args.hidden, "layers": args.layers,
+        "text_only": args.text_only, "hidden": args.hidden, "layers": args.layers, "dtype": args.dtype,
+        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "packed_vs_padded_tokens_per_s": round(rows["packed"]["useful_tokens_per_s"] / rows["padded"]["useful_tokens_per_s"], 3),
         "packed_vs_grouped_tokens_per_s": round(rows["packed"]["useful_tokens_per_s"] / rows["padded+grouped"]["useful_tokens_per_s"], 3),
         "packed_mask_vs_padded_tokens_per_s": round(rows["packed+mask"]["useful_tokens_per_s"] / rows["padded"]["useful_tokens_per_s"], 3),

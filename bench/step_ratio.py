@@ -27,6 +27,8 @@ path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
     python bench/step_ratio.py --rounds 40 --dropout 0.05
 
 The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
+On a GPU (`--device cuda`, bf16 by default there) every timing synchronises the device and only wall time is
+reported (a process's CPU time says nothing about GPU work); bench/gpu_checks.sh runs it at 7B layer shapes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from milora_vlm.milora import MiLoRAConfig, apply_milora
 from milora_vlm.milora.offset import MiLoRAOffsetVariant, unfused_offset
 from milora_vlm.milora.targets import find_targets
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
 # offset_unfused computes the offset form through the LoRA modules and autograd (offset.unfused_offset, the
@@ -79,13 +82,25 @@ def tiny_llava():
     return build_tiny_llava(tokenizer)[0].float()
 
 
-def step(model, inputs) -> tuple[float, float]:
-    """(wall, CPU) seconds of one forward + backward. CPU time (this process, one thread) is far less disturbed by
-    other jobs on a shared machine than wall time; both are reported."""
+def timed(fn, device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of fn(). CPU time (this process, one thread) is far less disturbed by other jobs on a
+    shared machine than wall time; on a GPU the device is synchronised around fn and only the wall time counts."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     w0, c0 = time.perf_counter(), time.process_time()
-    loss = model(**inputs, labels=inputs["input_ids"]).loss
-    loss.backward()
-    elapsed = time.perf_counter() - w0, time.process_time() - c0
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
+def step(model, inputs) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward + backward."""
+
+    def run():
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+
+    elapsed = timed(run, inputs["input_ids"].device)
     model.zero_grad(set_to_none=True)
     return elapsed
 
@@ -94,20 +109,25 @@ def frozen_path_gemms(model, r: int, tokens: int):
     """A function running the four GEMMs of the offset form's frozen path at every adapted matrix's shape, timed
     like a step: (wall, CPU) seconds."""
     g = torch.Generator().manual_seed(0)
+    device, dtype = _place(model)
     operands = []
     for t in find_targets(model):
         out, inp = t.shape
-        operands.append((torch.randn(tokens, inp, generator=g), torch.randn(r, inp, generator=g),
-                         torch.randn(out, r, generator=g), torch.randn(tokens, out, generator=g)))
+        operands.append([torch.randn(*shape, generator=g).to(device, dtype)
+                         for shape in ((tokens, inp), (r, inp), (out, r), (tokens, out))])
 
-    def run() -> tuple[float, float]:
-        w0, c0 = time.perf_counter(), time.process_time()
+    def gemms():
         for x, A0, B0, gy in operands:
             (x @ A0.T) @ B0.T  # forward: s B0 A0 x (the scaling is folded into the small matrices)
             (gy @ B0) @ A0  # backward: the input gradient through the frozen path
-        return time.perf_counter() - w0, time.process_time() - c0
 
-    return run
+    return lambda: timed(gemms, device)
+
+
+def _place(model) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the model's adapted weights (what the GEMMs above run in)."""
+    weight = find_targets(model)[0].weight
+    return weight.device, weight.dtype
 
 
 def frozen_path_flops(model, r: int, tokens: int) -> int:
@@ -118,15 +138,10 @@ def frozen_path_flops(model, r: int, tokens: int) -> int:
 def peak_gemm(model, tokens: int):
     """A function timing the base layer's GEMM at the largest adapted matrix: (wall, CPU) seconds, and its FLOPs."""
     g = torch.Generator().manual_seed(1)
+    device, dtype = _place(model)
     out, inp = max((t.shape for t in find_targets(model)), key=lambda s: s[0] * s[1])
-    x, w = torch.randn(tokens, inp, generator=g), torch.randn(out, inp, generator=g)
-
-    def run() -> tuple[float, float]:
-        w0, c0 = time.perf_counter(), time.process_time()
-        x @ w.T
-        return time.perf_counter() - w0, time.process_time() - c0
-
-    return run, 2 * tokens * inp * out
+    x, w = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((tokens, inp), (out, inp)))
+    return (lambda: timed(lambda: x @ w.T, device)), 2 * tokens * inp * out
 
 
 def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int) -> dict:
@@ -153,7 +168,8 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         for name in names:
             times[name].append(runners[name]())
     out = {"lora_dropout": dropout, "frozen_path_flops": frozen_flops}
-    for clock, i in (("wall", 0), ("cpu", 1)):
+    clocks = (("wall", 0),) if inputs["input_ids"].device.type == "cuda" else (("wall", 0), ("cpu", 1))
+    for clock, i in clocks:
         lora = [t[i] for t in times["lora"]]
         out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
         for name in ("offset", "offset_unfused", "subtract", "lora_control"):
@@ -184,14 +200,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on a GPU, fp32 on the CPU")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     tiny = args.model == "tiny_llava"
     args.r = args.r or (8 if tiny else 64)
     args.batch = args.batch or (4 if tiny else 2)
     args.seq = args.seq or (128 if tiny else 256)
     print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "threads": args.threads,
-                      "torch": torch.__version__, "loadavg_before": os.getloadavg()}), flush=True)
+                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "dtype": str(dtype), "torch": torch.__version__, "loadavg_before": os.getloadavg()}), flush=True)
 
     g = torch.Generator().manual_seed(0)
     if args.model == "llama_stack":
@@ -208,11 +229,13 @@ def main() -> None:
         size = cfg.vision_config.image_size
         inputs = {"input_ids": text, "pixel_values": torch.randn(args.batch, 3, size, size, generator=g)}
         shape = {"model": "tiny_llava"}
+    base = base.to(device, dtype)
+    inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
     for p in base.parameters():
         p.requires_grad_(False)
     for dropout in args.dropout:
         row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup)
-        row.update(shape, r=args.r, batch=args.batch, seq=args.seq, rounds=args.rounds,
+        row.update(shape, r=args.r, batch=args.batch, seq=args.seq, rounds=args.rounds, dtype=str(dtype),
                    loadavg=[round(x, 2) for x in os.getloadavg()])
         print(json.dumps(row), flush=True)
 

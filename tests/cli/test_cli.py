@@ -135,3 +135,26 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
         assert row[f"offset_flop_floor_{clock}"] > 1 and row[f"peak_gemm_gflops_{clock}"] > 0
     # 4 N r (in + out) per matrix: q, k, v, o are 64 x 64, gate and up 128 x 64, down 64 x 128
     assert row["frozen_path_flops"] == 4 * 32 * 4 * (4 * 128 + 3 * 192)
+
+
+@pytest.mark.slow
+def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
+    """bench/gpu_checks.sh, the one command prepared for a lent GPU, at tiny sizes on the CPU: it writes the machine
+    line, both step-ratio tables (lora_dropout 0.05 and 0) and the packing table with all four layouts."""
+    import json
+
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "GPU_CHECKS_SMALL": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "bench/gpu_checks.sh", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch" in (out / "machine.txt").read_text()
+    for name in ("step_ratio_7b_layers", "step_ratio_stack"):
+        rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert rows[0]["device"] == "cpu" and rows[0]["dtype"] == "torch.bfloat16"
+        assert [r["lora_dropout"] for r in rows[1:]] == [0.05, 0.0]
+        assert all(r["offset_ratio_wall"]["median"] > 0 and r["offset_flop_floor_wall"] > 1 for r in rows[1:])
+    rows = [json.loads(line) for line in (out / "packing.jsonl").read_text().splitlines()]
+    assert [r.get("layout") for r in rows[:4]] == ["padded", "padded+grouped", "packed", "packed+mask"]
+    assert rows[2]["useful_fraction"] == 1.0 and rows[0]["useful_fraction"] < 1.0
+    assert rows[4]["dtype"] == "bf16" and rows[4]["packed_vs_padded_tokens_per_s"] > 0
