@@ -114,7 +114,9 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = LlamaForCausalLM(cfg).to(args.device, dtype).train()
     use_packed_sdpa(model)
-    step_time(model, layouts["packed"][0])  # warm-up
+    for k in layouts:  # warm-up: one batch of each layout (a GPU also selects its kernels per attention path)
+        model.config._attn_implementation = attention[k]
+        step_time(model, layouts[k][0])
     seconds = {k: 0.0 for k in layouts}
     n_batches = len(layouts["padded"])
     names = list(layouts)
