@@ -5,8 +5,9 @@ vocabulary so that the stack, not the LM head, dominates), wraps copies of it wi
 (MiLoRAConfig init="lora") and with MiLoRA in both residual forms, all seven projections, r 64, fp32, and times
 forward + backward on a batch of 2 x 256 tokens. Every round times each variant once, in a shuffled order, so load
 changes on a shared machine hit all of them alike; the ratios are medians (and quartiles) over rounds of
-(variant step / LoRA step in the same round), in wall time and in this process's CPU time. A second plain LoRA
-(lora_control) is timed like the others: its ratio to LoRA shows how far the machine's noise alone moves a ratio.
+(variant step / LoRA step in the same round), in wall time and in this process's CPU time, with a 95% bootstrap
+interval of that median (median_ci95: how precisely the rounds pin it down). A second plain LoRA (lora_control) is
+timed like the others: its ratio to LoRA shows how far the machine's noise alone moves a ratio.
 The load average is printed before and after.
 
 offset_gemm_estimate: the offset form's frozen path, s B0 A0 x forward and its input gradient backward, is four
@@ -25,6 +26,7 @@ path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
 
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
+    python bench/step_ratio.py --variants subtract lora_control --rounds 80   # subtract's ratio, more precisely
 
 The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
 On a GPU (`--device cuda`, bf16 by default there) every timing synchronises the device and only wall time is
@@ -144,9 +146,20 @@ def peak_gemm(model, tokens: int):
     return (lambda: timed(lambda: x @ w.T, device)), 2 * tokens * inp * out
 
 
-def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int) -> dict:
+def median_ci(values: list[float], resamples: int = 2000) -> list[float]:
+    """95% bootstrap interval of the median (seeded): how precisely the rounds pin the median ratio down."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [round(medians[int(0.025 * resamples)], 4), round(medians[int(0.975 * resamples) - 1], 4)]
+
+
+def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int,
+            variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
+    """Ratios to "lora" (always timed) of each variant in `variants`, plus the frozen path's estimate and floor."""
     models = {}
     for name, kw in VARIANTS.items():
+        if name != "lora" and name not in variants:
+            continue
         cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, **kw)
         models[name] = apply_milora(copy.deepcopy(base), cfg).train()
         if name == "offset_unfused":
@@ -154,9 +167,9 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
                 t.layer.lora_variant["default"] = _UnfusedOffset()
     runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
     tokens = int(inputs["input_ids"].numel())
-    runners["frozen_path_gemms"] = frozen_path_gemms(models["offset"], r, tokens)
-    runners["peak_gemm"], peak_flops = peak_gemm(models["offset"], tokens)
-    frozen_flops = frozen_path_flops(models["offset"], r, tokens)
+    runners["frozen_path_gemms"] = frozen_path_gemms(models["lora"], r, tokens)
+    runners["peak_gemm"], peak_flops = peak_gemm(models["lora"], tokens)
+    frozen_flops = frozen_path_flops(models["lora"], r, tokens)
     for _ in range(warmup):
         for run in runners.values():
             run()
@@ -172,11 +185,13 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
     for clock, i in clocks:
         lora = [t[i] for t in times["lora"]]
         out[f"lora_median_{clock}_s"] = round(statistics.median(lora), 4)
-        for name in ("offset", "offset_unfused", "subtract", "lora_control"):
+        for name in models:
+            if name == "lora":
+                continue
             ratios = [t[i] / l for t, l in zip(times[name], lora)]
             q = statistics.quantiles(ratios, n=4)
             out[f"{name}_ratio_{clock}"] = {"median": round(statistics.median(ratios), 4),
-                                            "iqr": [round(q[0], 4), round(q[2], 4)]}
+                                            "iqr": [round(q[0], 4), round(q[2], 4)], "median_ci95": median_ci(ratios)}
         estimates = [(l + t[i]) / l for t, l in zip(times["frozen_path_gemms"], lora)]
         out[f"offset_gemm_estimate_{clock}"] = round(statistics.median(estimates), 4)
         rates = [peak_flops / t[i] for t in times["peak_gemm"]]
@@ -197,6 +212,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default 2 (llama_stack), 4 (tiny_llava)")
     ap.add_argument("--seq", type=int, default=None, help="default 256 (llama_stack), 128 (tiny_llava)")
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.05, 0.0])
+    ap.add_argument("--variants", nargs="+", choices=[v for v in VARIANTS if v != "lora"],
+                    default=[v for v in VARIANTS if v != "lora"], help="timed against lora (always timed); fewer "
+                    "variants give more rounds in the same time, e.g. --variants subtract lora_control --rounds 60")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -234,7 +252,7 @@ def main() -> None:
     for p in base.parameters():
         p.requires_grad_(False)
     for dropout in args.dropout:
-        row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup)
+        row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup, tuple(args.variants))
         row.update(shape, r=args.r, batch=args.batch, seq=args.seq, rounds=args.rounds, dtype=str(dtype),
                    loadavg=[round(x, 2) for x in os.getloadavg()])
         print(json.dumps(row), flush=True)

@@ -131,10 +131,26 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
         for name in ("offset", "offset_unfused", "subtract", "lora_control"):
             ratio = row[f"{name}_ratio_{clock}"]
             assert ratio["median"] > 0 and ratio["iqr"][0] <= ratio["iqr"][1]
+            assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
         assert row[f"offset_gemm_estimate_{clock}"] > 1
         assert row[f"offset_flop_floor_{clock}"] > 1 and row[f"peak_gemm_gflops_{clock}"] > 0
     # 4 N r (in + out) per matrix: q, k, v, o are 64 x 64, gate and up 128 x 64, down 64 x 128
     assert row["frozen_path_flops"] == 4 * 32 * 4 * (4 * 128 + 3 * 192)
+    only = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.0, inputs=inputs, rounds=3, warmup=1,
+                         variants=("subtract",))
+    assert {k for k in only if k.endswith("_ratio_cpu")} == {"subtract_ratio_cpu"}  # lora is the reference
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
+    import random
+    import statistics
+
+    bench = load_script("bench/step_ratio.py", "bench_step_ratio")
+    rng = random.Random(1)
+    few, many = ([1 + rng.gauss(0, 0.05) for _ in range(n)] for n in (10, 200))
+    lo, hi = bench.median_ci(few)
+    lo2, hi2 = bench.median_ci(many)
+    assert lo <= statistics.median(few) <= hi and hi2 - lo2 < hi - lo and lo2 < 1 < hi2
 
 
 @pytest.mark.slow
