@@ -61,23 +61,26 @@ def has_offset(layer: nn.Module, adapter: str) -> bool:
 
 
 class _OffsetAdapter(torch.autograd.Function):
-    """s (B A x_lora - B0 A0 x) with two GEMMs forward and two backward for the pair of paths (issue 17).
+    """result + s (B A x_lora - B0 A0 x) with two GEMMs forward and two backward for the pair of paths (issue 17).
 
-    x_lora is x (no dropout) or dropout(x). Without dropout the product is taken in delta form,
+    x_lora is x (no dropout) or dropout(x); result is the base layer's output W x. Without dropout the product is
+    taken in delta form,
         B A - B0 A0 = B (A - A0) + (B - B0) A0  =  [B, B - B0] @ [A - A0; A0],
     so one GEMM over the stacked [A - A0; A0] and one over [B, B - B0] compute both paths, and at step 0 (A - A0 and
-    B - B0 exactly 0) the output is exactly 0 whatever order the GEMMs sum in: the layer's output stays the base
+    B - B0 exactly 0) every product is exactly 0 whatever order the GEMMs sum in: the layer's output stays the base
     output bit for bit. With dropout the inputs differ, so A x_lora and A0 x are two GEMMs and [B, -B0] is one.
+    The second GEMM accumulates onto result (addmm), saving the separate pass over the N x out output that
+    `result + ...` costs (about 2% of a tiny-recipe step; BENCHMARKS.md, step ratio).
     The gradients are written out (autograd would keep the intermediates of both forms): the paper's
     dA = s B^T g x_lora^T, dB = s g (A x_lora)^T, and dx = s (B A - B0 A0)^T g (split by path with dropout).
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, A, B, A0, B0, scaling):
+    def forward(ctx, result, x, x_lora, A, B, A0, B0, scaling):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        ctx.dtypes = (x.dtype, x.dtype if x_lora is None else x_lora.dtype, A.dtype, B.dtype)
+        ctx.dtypes = (result.dtype, x.dtype, x.dtype if x_lora is None else x_lora.dtype, A.dtype, B.dtype)
         ctx.shape, ctx.autocast = x.shape, autocast
         with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             # one compute dtype for forward and backward; 2-D views so that no GEMM operand needs a copy
@@ -95,13 +98,15 @@ class _OffsetAdapter(torch.autograd.Function):
                 ax = x_lora @ A.T
                 h = torch.cat([ax, x @ A0.T], dim=1)
                 ctx.save_for_backward(x_lora, ax, A, A0, Wb)
-            y = h @ Wb.T
+            out = Wb.shape[0]
+            y = torch.addmm(_as(result.reshape(-1, out), dtype), h, Wb.T)  # the GEMM adds onto the base output
         ctx.fused, ctx.r, ctx.scaling = x_lora is None, r, scaling
-        return y.reshape(*ctx.shape[:-1], y.shape[-1])
+        return y.reshape(*ctx.shape[:-1], out)
 
     @staticmethod
     def backward(ctx, gy):
         r, s, shape = ctx.r, ctx.scaling, ctx.shape
+        grad_result = gy if ctx.needs_input_grad[0] else None  # the base output's gradient passes through unchanged
         with torch.autocast(gy.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
             if ctx.fused:
                 x, ax, Wa, Wb = ctx.saved_tensors
@@ -113,15 +118,15 @@ class _OffsetAdapter(torch.autograd.Function):
             grad_B = _scaled(gy.T @ ax, s)
             grad_x = grad_x_lora = None
             if ctx.fused:
-                if ctx.needs_input_grad[0]:
+                if ctx.needs_input_grad[1]:
                     grad_x = (gh @ Wa).reshape(shape)
             else:
-                if ctx.needs_input_grad[0]:
-                    grad_x = (gh[:, r:] @ A0).reshape(shape)
                 if ctx.needs_input_grad[1]:
+                    grad_x = (gh[:, r:] @ A0).reshape(shape)
+                if ctx.needs_input_grad[2]:
                     grad_x_lora = (gh[:, :r] @ A).reshape(shape)
-        grads = [None if g is None else _as(g, d) for g, d in zip((grad_x, grad_x_lora, grad_A, grad_B), ctx.dtypes)]
-        return (*grads, None, None, None)
+        grads = (grad_result, grad_x, grad_x_lora, grad_A, grad_B)
+        return (*(None if g is None else _as(g, d) for g, d in zip(grads, ctx.dtypes)), None, None, None)
 
 
 # At the tiny recipe's sizes a step is dominated by per-op overhead: skip the no-op casts and the scaling by 1
@@ -206,7 +211,7 @@ class MiLoRAOffsetVariant(_MiLoRAVariant):
             # ZeRO-3 gathers lora_A / lora_B only when their own forward runs: call the modules.
             return unfused_offset(module, active_adapter, x, result)
         x_lora = dropout(x) if _dropout_active(dropout) else None
-        return result + _OffsetAdapter.apply(x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
+        return _OffsetAdapter.apply(result, x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
 
 
 def unfused_offset(module: nn.Module, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
