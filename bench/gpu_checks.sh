@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${GPU_CHECKS_SMALL:-0}" == "1" ]]; then
   BIG=(--hidden 64 --intermediate 128 --layers 1 --vocab 64 --batch 2 --seq 16 --rounds 2 --warmup 1)
-  STACK=(--hidden 64 --intermediate 128 --layers 1 --vocab 64 --batch 2 --seq 16 --rounds 2 --warmup 1)
+  STACK=("${BIG[@]}")
   PACK=(--samples 4 --batch 2 --hidden 64 --layers 1)
 else
   BIG=(--hidden 4096 --intermediate 11008 --layers 2 --batch 2 --seq 2048 --rounds 30)
@@ -34,7 +34,9 @@ fi
   if command -v nvidia-smi > /dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   fi
-  "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  # what the two benchmarks import, so that a missing package stops the run here, by name (a package the image lacks
+  # goes into ../shared/gpu/bundle_wheels.sh's .whl folder: its extra arguments)
+  "$PY" -c "import torch, transformers, peft, milora_vlm.milora, milora_vlm.model.load, milora_vlm.data.collator; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 } | tee "$OUT/machine.txt"
 
 run() {  # NAME ARGS...: stdout (JSON lines) to OUT/NAME.jsonl, stderr to OUT/NAME.log

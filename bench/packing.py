@@ -32,6 +32,7 @@ import torch
 
 from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator, packed_row_tokens
 from milora_vlm.data.templates import IGNORE_INDEX
+from milora_vlm.model.load import resolve_dtype
 from milora_vlm.model.packed_attention import PACKED_SDPA, use_packed_sdpa
 from milora_vlm.model.tiny import tiny_llama_config
 from milora_vlm.train.sampler import ModalityLengthGroupedSampler
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on a GPU, fp32 on the CPU)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     load0 = os.getloadavg()
@@ -111,7 +112,10 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     cfg._attn_implementation = "sdpa"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        dtype = resolve_dtype(args.dtype, torch.device(args.device))
+    except ValueError as e:
+        ap.error(str(e))
     model = LlamaForCausalLM(cfg).to(args.device, dtype).train()
     use_packed_sdpa(model)
     for k in layouts:  # warm-up: one batch of each layout (a GPU also selects its kernels per attention path)
@@ -135,7 +139,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "packing", "samples": args.samples, "batch": args.batch, "max_length": args.max_length,
         "row_tokens": packed_c.row_tokens,
-        "text_only": args.text_only, "hidden": args.hidden, "layers": args.layers, "dtype": args.dtype,
+        "text_only": args.text_only, "hidden": args.hidden, "layers": args.layers, "dtype": str(dtype),
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "packed_vs_padded_tokens_per_s": round(rows["packed"]["useful_tokens_per_s"] / rows["padded"]["useful_tokens_per_s"], 3),
         "packed_vs_grouped_tokens_per_s": round(rows["packed"]["useful_tokens_per_s"] / rows["padded+grouped"]["useful_tokens_per_s"], 3),

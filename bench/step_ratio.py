@@ -49,8 +49,8 @@ import torch
 from milora_vlm.milora import MiLoRAConfig, apply_milora
 from milora_vlm.milora.offset import MiLoRAOffsetVariant, unfused_offset
 from milora_vlm.milora.targets import find_targets
+from milora_vlm.model.load import resolve_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
 # offset_unfused computes the offset form through the LoRA modules and autograd (offset.unfused_offset, the
@@ -219,11 +219,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on a GPU, fp32 on the CPU")
+    ap.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on a GPU, fp32 on the CPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as e:
+        ap.error(str(e))
     tiny = args.model == "tiny_llava"
     args.r = args.r or (8 if tiny else 64)
     args.batch = args.batch or (4 if tiny else 2)

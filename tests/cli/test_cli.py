@@ -173,4 +173,12 @@ def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (out / "packing.jsonl").read_text().splitlines()]
     assert [r.get("layout") for r in rows[:4]] == ["padded", "padded+grouped", "packed", "packed+mask"]
     assert rows[2]["useful_fraction"] == 1.0 and rows[0]["useful_fraction"] < 1.0
-    assert rows[4]["dtype"] == "bf16" and rows[4]["packed_vs_padded_tokens_per_s"] > 0
+    assert rows[4]["dtype"] == "torch.bfloat16" and rows[4]["packed_vs_padded_tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_benchmarks_refuse_an_unknown_dtype_by_name():
+    for rel in ("bench/step_ratio.py", "bench/packing.py"):
+        proc = subprocess.run([sys.executable, rel, "--dtype", "fp8"], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2 and "unknown dtype 'fp8'" in proc.stderr, (rel, proc.stderr[-2000:])
