@@ -15,18 +15,28 @@ GEMMs per adapted matrix that LoRA does not have (x A0^T, (.) B0^T, g B0, (.) A0
 Each round also times those GEMMs on their own, at every adapted matrix's shape and the batch's token count;
 offset_gemm_estimate = median over rounds of (LoRA step + their time) / LoRA step. Where GEMMs are compute-bound
 (the LLaMA-shaped stack) it is about the best an exact offset step can do; on the tiny model, where a step is
-mostly per-call overhead, the fused path (fewer, wider calls) can beat it.
+mostly per-call overhead, the fused path (fewer, wider calls) can beat it. It is a slight over-estimate: it times
+the backward pair for every matrix, which the step skips where the input needs no gradient (the first layer's
+q/k/v on frozen embeddings); offset_flop_floor below counts that exactly.
 
-offset_flop_floor: the same frozen path counted in multiply-adds instead of timed, 4 N r (in + out) FLOPs per
-adapted matrix, run at the best rate this machine reaches on this model's own shapes: each round also times the base
-layer's GEMM at the largest adapted matrix (N x in @ in x out, the step's most efficient call) and converts.
-offset_flop_floor = median over rounds of (LoRA step + frozen FLOPs / that rate) / LoRA step. An offset step that
-does LoRA's own part as LoRA does cannot go below it; only doing that part faster can (without dropout the fused
-path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
+FLOPs, counted exactly (torch's FlopCounterMode over one forward + backward of each variant): `flops` per variant
+and `<variant>_flop_ratio` to LoRA's. The counter knows every matmul and the GPU's attention kernels, but not the
+CPU's fused sdpa kernel, so CPU rows leave attention out; --count-only (the meta device) counts it.
+frozen_path_flops = offset's minus LoRA's, which tests/milora/test_step_cost.py pins to the form's own need
+(milora.offset.frozen_path_flops: 2 N r (in + out) forward per adapted matrix, the same again backward where its
+input needs a gradient); subtract's ratio is 1.
+
+offset_flop_floor: those frozen FLOPs run at the best rate this machine reaches on this model's own shapes: each
+round also times the base layer's GEMM at the largest adapted matrix (N x in @ in x out, the step's most efficient
+call) and converts. offset_flop_floor = median over rounds of (LoRA step + frozen FLOPs / that rate) / LoRA step.
+An offset step that does LoRA's own part as LoRA does cannot go below it; only doing that part faster can (without
+dropout the fused path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
 
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
     python bench/step_ratio.py --variants subtract lora_control --rounds 80   # subtract's ratio, more precisely
+    python bench/step_ratio.py --count-only --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000 --seq 2048
+                                                    # FLOPs only, on the meta device: LLaMA-2-7B in a few seconds
 
 The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
 On a GPU (`--device cuda`, bf16 by default there) every timing synchronises the device and only wall time is
@@ -47,7 +57,7 @@ import time
 import torch
 
 from milora_vlm.milora import MiLoRAConfig, apply_milora
-from milora_vlm.milora.offset import MiLoRAOffsetVariant, unfused_offset
+from milora_vlm.milora.offset import MiLoRAOffsetVariant, install_offset, unfused_offset
 from milora_vlm.milora.targets import find_targets
 from milora_vlm.model.load import resolve_dtype
 
@@ -65,14 +75,15 @@ class _UnfusedOffset(MiLoRAOffsetVariant):
         return unfused_offset(module, active_adapter, x, result)
 
 
-def llama_stack(hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0):
+def llama_stack(hidden: int, intermediate: int, layers: int, vocab: int, seed: int = 0, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, vocab_size=vocab,
                       max_position_embeddings=4096, attn_implementation="sdpa")
-    return LlamaForCausalLM(cfg).float()
+    with torch.device(device):  # "meta": shapes only (--count-only), no memory and no initialisation
+        return LlamaForCausalLM(cfg).float()
 
 
 def tiny_llava():
@@ -132,9 +143,14 @@ def _place(model) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def frozen_path_flops(model, r: int, tokens: int) -> int:
-    """Multiply-adds x 2 of the offset form's frozen path per step: 4 N r (in + out) per adapted matrix."""
-    return sum(4 * tokens * r * sum(t.shape) for t in find_targets(model))
+def counted_flops(model, inputs) -> int:
+    """FLOPs of one forward + backward as FlopCounterMode counts them (exact; matmuls and attention only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
 
 
 def peak_gemm(model, tokens: int):
@@ -144,6 +160,25 @@ def peak_gemm(model, tokens: int):
     out, inp = max((t.shape for t in find_targets(model)), key=lambda s: s[0] * s[1])
     x, w = (torch.randn(*shape, generator=g).to(device, dtype) for shape in ((tokens, inp), (out, inp)))
     return (lambda: timed(lambda: x @ w.T, device)), 2 * tokens * inp * out
+
+
+def count_flops(base, targets, r: int, dropout: float, inputs) -> dict:
+    """--count-only: LoRA's and the offset form's counted FLOPs on a meta-device model, at any size in a second.
+
+    The offset layers get A0, B0 = their current A, B (install_offset's default) instead of SVD factors, which a
+    meta tensor has no values for; what a step computes does not depend on those values. Subtract is not counted:
+    it dispatches LoRA's ops one for one (tests/milora/test_step_cost.py).
+    """
+    flops = {}
+    for name in ("lora", "offset"):
+        cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, init="lora")
+        model = apply_milora(copy.deepcopy(base), cfg).train()
+        if name == "offset":
+            for t in find_targets(model):
+                install_offset(t.layer, "default")
+        flops[name] = counted_flops(model, inputs)
+    return {"lora_dropout": dropout, "flops": flops, "frozen_path_flops": flops["offset"] - flops["lora"],
+            "offset_flop_ratio": round(flops["offset"] / flops["lora"], 5)}
 
 
 def median_ci(values: list[float], resamples: int = 2000) -> list[float]:
@@ -156,20 +191,22 @@ def median_ci(values: list[float], resamples: int = 2000) -> list[float]:
 def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: int,
             variants: tuple[str, ...] = tuple(VARIANTS)) -> dict:
     """Ratios to "lora" (always timed) of each variant in `variants`, plus the frozen path's estimate and floor."""
-    models = {}
-    for name, kw in VARIANTS.items():
-        if name != "lora" and name not in variants:
-            continue
-        cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, **kw)
-        models[name] = apply_milora(copy.deepcopy(base), cfg).train()
+    def build(name: str):
+        cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, **VARIANTS[name])
+        model = apply_milora(copy.deepcopy(base), cfg).train()
         if name == "offset_unfused":
-            for t in find_targets(models[name]):
+            for t in find_targets(model):
                 t.layer.lora_variant["default"] = _UnfusedOffset()
+        return model
+
+    models = {name: build(name) for name in VARIANTS if name == "lora" or name in variants}
+    flops = {name: counted_flops(m, inputs) for name, m in models.items()}
+    offset_flops = flops["offset"] if "offset" in flops else counted_flops(build("offset"), inputs)
+    frozen_flops = offset_flops - flops["lora"]
     runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
     tokens = int(inputs["input_ids"].numel())
     runners["frozen_path_gemms"] = frozen_path_gemms(models["lora"], r, tokens)
     runners["peak_gemm"], peak_flops = peak_gemm(models["lora"], tokens)
-    frozen_flops = frozen_path_flops(models["lora"], r, tokens)
     for _ in range(warmup):
         for run in runners.values():
             run()
@@ -180,7 +217,8 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
         order.shuffle(names)  # no variant always runs right after the same other one
         for name in names:
             times[name].append(runners[name]())
-    out = {"lora_dropout": dropout, "frozen_path_flops": frozen_flops}
+    out = {"lora_dropout": dropout, "flops": flops, "frozen_path_flops": frozen_flops}
+    out.update({f"{name}_flop_ratio": round(f / flops["lora"], 5) for name, f in flops.items() if name != "lora"})
     clocks = (("wall", 0),) if inputs["input_ids"].device.type == "cuda" else (("wall", 0), ("cpu", 1))
     for clock, i in clocks:
         lora = [t[i] for t in times["lora"]]
@@ -220,9 +258,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", help="fp32, bf16, fp16 or auto (bf16 on a GPU, fp32 on the CPU)")
+    ap.add_argument("--count-only", action="store_true", help="no timing: LoRA's and the offset form's FLOPs, "
+                    "counted on the meta device (any size, e.g. LLaMA-2-7B: --layers 32 --vocab 32000 --seq 2048)")
     args = ap.parse_args()
+    if args.count_only and args.model != "llama_stack":
+        ap.error("--count-only counts the llama_stack (a LLaVA forward needs real values to place image features); "
+                 "the tiny model's FLOPs are in every timed row ('flops')")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = torch.device("meta" if args.count_only else args.device)
     try:
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as e:
@@ -232,12 +275,12 @@ def main() -> None:
     args.batch = args.batch or (4 if tiny else 2)
     args.seq = args.seq or (128 if tiny else 256)
     print(json.dumps({"host": platform.node(), "cpus": os.cpu_count(), "threads": args.threads,
-                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
                       "dtype": str(dtype), "torch": torch.__version__, "loadavg_before": os.getloadavg()}), flush=True)
 
     g = torch.Generator().manual_seed(0)
     if args.model == "llama_stack":
-        base = llama_stack(args.hidden, args.intermediate, args.layers, args.vocab)
+        base = llama_stack(args.hidden, args.intermediate, args.layers, args.vocab, device=device.type)
         targets = PROJECTIONS
         inputs = {"input_ids": torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)}
         shape = {"hidden": args.hidden, "intermediate": args.intermediate, "layers": args.layers, "vocab": args.vocab}
@@ -255,9 +298,12 @@ def main() -> None:
     for p in base.parameters():
         p.requires_grad_(False)
     for dropout in args.dropout:
-        row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup, tuple(args.variants))
-        row.update(shape, r=args.r, batch=args.batch, seq=args.seq, rounds=args.rounds, dtype=str(dtype),
-                   loadavg=[round(x, 2) for x in os.getloadavg()])
+        if args.count_only:
+            row = count_flops(base, targets, args.r, dropout, inputs)
+        else:
+            row = measure(base, targets, args.r, dropout, inputs, args.rounds, args.warmup, tuple(args.variants))
+            row.update(rounds=args.rounds, loadavg=[round(x, 2) for x in os.getloadavg()])
+        row.update(shape, r=args.r, batch=args.batch, seq=args.seq, dtype=str(dtype))
         print(json.dumps(row), flush=True)
 
 

@@ -73,12 +73,13 @@ class _OffsetAdapter(torch.autograd.Function):
     `result + ...` costs (about 2% of a tiny-recipe step; BENCHMARKS.md, step ratio).
     The gradients are written out (autograd would keep the intermediates of both forms): the paper's
     dA = s B^T g x_lora^T, dB = s g (A x_lora)^T, and dx = s (B A - B0 A0)^T g (split by path with dropout).
+    Its multiply-adds are LoRA's plus frozen_path_flops, nothing more (tests/milora/test_step_cost.py).
     """
 
     @staticmethod
     def forward(ctx, result, x, x_lora, A, B, A0, B0, scaling):
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on "meta"
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         ctx.dtypes = (result.dtype, x.dtype, x.dtype if x_lora is None else x_lora.dtype, A.dtype, B.dtype)
         ctx.shape, ctx.autocast = x.shape, autocast
@@ -113,7 +114,9 @@ class _OffsetAdapter(torch.autograd.Function):
             else:
                 x, ax, A, A0, Wb = ctx.saved_tensors
             gy = _as(gy.reshape(-1, gy.shape[-1]), Wb.dtype)
-            gh = gy @ Wb  # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]
+            # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]; the second half only feeds
+            # x's gradient, so when x needs none (the first layer's q/k/v on frozen embeddings) it is not computed
+            gh = gy @ (Wb if ctx.needs_input_grad[1] else Wb[:, :r])
             grad_A = gh[:, :r].T @ x
             grad_B = _scaled(gy.T @ ax, s)
             grad_x = grad_x_lora = None
@@ -127,6 +130,15 @@ class _OffsetAdapter(torch.autograd.Function):
                     grad_x_lora = (gh[:, :r] @ A).reshape(shape)
         grads = (grad_result, grad_x, grad_x_lora, grad_A, grad_B)
         return (*(None if g is None else _as(g, d) for g, d in zip(grads, ctx.dtypes)), None, None, None)
+
+
+def frozen_path_flops(tokens: int, in_features: int, out_features: int, r: int, input_grad: bool) -> int:
+    """FLOPs (2 x multiply-adds) the offset form must spend beyond LoRA's on one adapted matrix per step.
+
+    s B0 A0 x costs 2 N r (in + out) forward, and x's gradient through it the same again backward; when x needs
+    no gradient only the forward remains. LoRA's own work (6 N r (in + out) with x's gradient) is not included.
+    """
+    return 2 * tokens * r * (in_features + out_features) * (2 if input_grad else 1)
 
 
 # At the tiny recipe's sizes a step is dominated by per-op overhead: skip the no-op casts and the scaling by 1

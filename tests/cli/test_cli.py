@@ -134,11 +134,33 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
             assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
         assert row[f"offset_gemm_estimate_{clock}"] > 1
         assert row[f"offset_flop_floor_{clock}"] > 1 and row[f"peak_gemm_gflops_{clock}"] > 0
-    # 4 N r (in + out) per matrix: q, k, v, o are 64 x 64, gate and up 128 x 64, down 64 x 128
-    assert row["frozen_path_flops"] == 4 * 32 * 4 * (4 * 128 + 3 * 192)
+    # 2 N r (in + out) forward per matrix (q, k, v, o are 64 x 64, gate and up 128 x 64, down 64 x 128), and as
+    # much again backward except for q, k, v, whose input (the normed embeddings) needs no gradient
+    assert row["frozen_path_flops"] == 2 * 32 * 4 * (4 * 128 + 3 * 192) + 2 * 32 * 4 * (128 + 3 * 192)
+    assert row["subtract_flop_ratio"] == row["lora_control_flop_ratio"] == 1
+    assert row["offset_flop_ratio"] == row["offset_unfused_flop_ratio"] > 1
     only = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.0, inputs=inputs, rounds=3, warmup=1,
                          variants=("subtract",))
     assert {k for k in only if k.endswith("_ratio_cpu")} == {"subtract_ratio_cpu"}  # lora is the reference
+
+
+def test_step_ratio_count_only_counts_on_the_meta_device():
+    """--count-only: LoRA's and the offset form's FLOPs on a meta-device stack (no values, no memory). Its frozen
+    path equals the timed rows' (real SVD factors, CPU) and the form's own need; attention, which the CPU's sdpa
+    kernel leaves uncounted, is counted on meta, so LoRA's count is the larger there."""
+    import torch
+
+    bench = load_script("bench/step_ratio.py", "bench_step_ratio")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    meta = bench.llama_stack(hidden=64, intermediate=128, layers=1, vocab=64, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    row = bench.count_flops(meta, bench.PROJECTIONS, r=4, dropout=0.05, inputs={"input_ids": ids.to("meta")})
+    real = bench.llama_stack(hidden=64, intermediate=128, layers=1, vocab=64)
+    timed = bench.measure(real, bench.PROJECTIONS, r=4, dropout=0.05, inputs={"input_ids": ids}, rounds=2,
+                          warmup=0, variants=("offset",))
+    assert row["frozen_path_flops"] == timed["frozen_path_flops"] > 0
+    assert row["flops"]["lora"] > timed["flops"]["lora"]
+    assert row["offset_flop_ratio"] == round(row["flops"]["offset"] / row["flops"]["lora"], 5) > 1
 
 
 def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
@@ -182,3 +204,6 @@ def test_benchmarks_refuse_an_unknown_dtype_by_name():
         proc = subprocess.run([sys.executable, rel, "--dtype", "fp8"], cwd=REPO, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode == 2 and "unknown dtype 'fp8'" in proc.stderr, (rel, proc.stderr[-2000:])
+    proc = subprocess.run([sys.executable, "bench/step_ratio.py", "--count-only", "--model", "tiny_llava"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--count-only counts the llama_stack" in proc.stderr, proc.stderr[-2000:]
