@@ -144,7 +144,8 @@ def _place(model) -> tuple[torch.device, torch.dtype]:
 
 
 def counted_flops(model, inputs) -> int:
-    """FLOPs of one forward + backward as FlopCounterMode counts them (exact; matmuls and attention only)."""
+    """FLOPs of one forward + backward as FlopCounterMode counts them: exact, for matmuls and the attention kernels
+    it has a formula for (not the CPU's fused sdpa)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
