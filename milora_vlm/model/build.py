@@ -13,7 +13,6 @@ import os
 import torch
 from transformers import (
     AutoConfig,
-    AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
     CLIPVisionModel,
@@ -22,6 +21,9 @@ from transformers import (
     LlavaProcessor,
     SiglipVisionModel,
 )
+# From its module: transformers 5.17 exports a placeholder at the top level that demands torchvision (not installed
+# with the CPU torch); the class itself falls back to the PIL processor without it, as 5.24's top-level one does.
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER
