@@ -39,7 +39,7 @@ def adapted(kind: str, model_dir, dropout: float, **kw):
     return apply_milora(load_model(kind, model_dir), milora_config(kind, **cfg_kw)).train()
 
 
-def train_step(model, inputs) -> None:
+def forward_backward(model, inputs) -> None:
     torch.manual_seed(0)  # the same dropout masks in every model
     model(**inputs, labels=inputs["input_ids"]).loss.backward()
 
@@ -60,7 +60,7 @@ def test_subtract_step_dispatches_loras_ops(request, model_dir, dropout):
         model = adapted(kind, model_dir, dropout, init=init, residual="subtract")
         inputs = batch(kind, model)
         with _OpTrace() as trace:
-            train_step(model, inputs)
+            forward_backward(model, inputs)
         traces.append(trace.ops)
     lora, subtract = traces
     assert any("mm" in op for op, _ in lora)  # the trace saw the GEMMs
@@ -69,7 +69,7 @@ def test_subtract_step_dispatches_loras_ops(request, model_dir, dropout):
 
 def gemm_flops(model, inputs) -> int:
     with FlopCounterMode(display=False) as counter:
-        train_step(model, inputs)
+        forward_backward(model, inputs)
     return counter.get_total_flops()
 
 
@@ -85,7 +85,7 @@ def frozen_floor(model, inputs) -> tuple[int, int]:
 
     hooks = [t.layer.register_forward_pre_hook(record(t)) for t in find_targets(model)]
     try:
-        train_step(model, inputs)
+        forward_backward(model, inputs)
     finally:
         for h in hooks:
             h.remove()
