@@ -5,8 +5,10 @@
 #
 # 1. bench/step_ratio.py at LLaMA-7B layer shapes (hidden 4096, intermediate 11008, 2 layers, r 64, bf16, 2 x 2048
 #    tokens): MiLoRA offset / subtract against plain LoRA, lora_dropout 0.05 and 0, wall time, device synchronised.
-# 2. bench/step_ratio.py on the CPU table's stack (hidden 1024), bf16: the same shapes as BENCHMARKS.md's CPU rows.
-# 3. bench/packing.py: padded / grouped / packed useful tokens per second, bf16, a 4-layer hidden-2048 model.
+# 2. The same shapes at r 128 (the paper's and LLaVA-1.5's visual rank, where the offset form's extra arithmetic is
+#    largest: 4.0% of a LoRA step at LLaMA-2-7B's shapes, counted), offset only, lora_dropout 0.05 (LLaVA's).
+# 3. bench/step_ratio.py on the CPU table's stack (hidden 1024), bf16: the same shapes as BENCHMARKS.md's CPU rows.
+# 4. bench/packing.py: padded / grouped / packed useful tokens per second, bf16, a 4-layer hidden-2048 model.
 #
 # Both benchmarks import torch, transformers, peft and this checkout only (no deepspeed, no datasets), which the GPU
 # image has; the checkout goes on PYTHONPATH, so nothing is installed. Environment: PYTHON (default python3),
@@ -21,10 +23,12 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if [[ "${GPU_CHECKS_SMALL:-0}" == "1" ]]; then
   BIG=(--hidden 64 --intermediate 128 --layers 1 --vocab 64 --batch 2 --seq 16 --rounds 2 --warmup 1)
+  RANK128=(--r 8)  # r 128 needs matrices of rank 128
   STACK=("${BIG[@]}")
   PACK=(--samples 4 --batch 2 --hidden 64 --layers 1)
 else
   BIG=(--hidden 4096 --intermediate 11008 --layers 2 --batch 2 --seq 2048 --rounds 30)
+  RANK128=(--r 128)
   STACK=(--rounds 30)
   PACK=(--samples 512 --batch 16 --hidden 2048 --layers 4)
 fi
@@ -48,5 +52,7 @@ run() {  # NAME ARGS...: stdout (JSON lines) to OUT/NAME.jsonl, stderr to OUT/NA
   echo "== $name: $((SECONDS - start)) s"
 }
 run step_ratio_7b_layers bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${BIG[@]}"
+run step_ratio_7b_layers_r128 bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${BIG[@]}" "${RANK128[@]}" \
+  --variants offset --dropout 0.05
 run step_ratio_stack bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${STACK[@]}"
 run packing bench/packing.py --device "$DEVICE" --dtype bf16 "${PACK[@]}"

@@ -178,7 +178,7 @@ def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
 @pytest.mark.slow
 def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
     """bench/gpu_checks.sh, the one command prepared for a lent GPU, at tiny sizes on the CPU: it writes the machine
-    line, both step-ratio tables (lora_dropout 0.05 and 0) and the packing table with all four layouts."""
+    line, both step-ratio tables (lora_dropout 0.05 and 0), the r-128 row and the packing table with all four layouts."""
     import json
 
     out = tmp_path / "out"
@@ -192,6 +192,8 @@ def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
         assert rows[0]["device"] == "cpu" and rows[0]["dtype"] == "torch.bfloat16"
         assert [r["lora_dropout"] for r in rows[1:]] == [0.05, 0.0]
         assert all(r["offset_ratio_wall"]["median"] > 0 and r["offset_flop_floor_wall"] > 1 for r in rows[1:])
+    rows = [json.loads(line) for line in (out / "step_ratio_7b_layers_r128.jsonl").read_text().splitlines()]
+    assert [(r["lora_dropout"], r["r"], set(r["flops"])) for r in rows[1:]] == [(0.05, 8, {"lora", "offset"})]
     rows = [json.loads(line) for line in (out / "packing.jsonl").read_text().splitlines()]
     assert [r.get("layout") for r in rows[:4]] == ["padded", "padded+grouped", "packed", "packed+mask"]
     assert rows[2]["useful_fraction"] == 1.0 and rows[0]["useful_fraction"] < 1.0
