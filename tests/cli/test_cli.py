@@ -178,7 +178,8 @@ def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
 @pytest.mark.slow
 def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
     """bench/gpu_checks.sh, the one command prepared for a lent GPU, at tiny sizes on the CPU: it writes the machine
-    line, both step-ratio tables (lora_dropout 0.05 and 0), the r-128 row and the packing table with all four layouts."""
+    line, both step-ratio tables (lora_dropout 0.05 and 0), the r-128 row (r 8 at these sizes) and the packing
+    table with all four layouts."""
     import json
 
     out = tmp_path / "out"
