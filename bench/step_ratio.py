@@ -29,8 +29,9 @@ input needs a gradient); subtract's ratio is 1.
 offset_flop_floor: those frozen FLOPs run at the best rate this machine reaches on this model's own shapes: each
 round also times the base layer's GEMM at the largest adapted matrix (N x in @ in x out, the step's most efficient
 call) and converts. offset_flop_floor = median over rounds of (LoRA step + frozen FLOPs / that rate) / LoRA step.
-An offset step that does LoRA's own part as LoRA does cannot go below it; only doing that part faster can (without
-dropout the fused path widens LoRA's r-wide GEMMs to 2r, which run at a better rate).
+An offset step that does LoRA's own part as LoRA does cannot go below it; only doing that part faster can (the
+fused path skips LoRA's scaling pass and its `result + ...` pass; its 2r-wide GEMMs do not run at a better rate
+than LoRA's r-wide ones on a CPU, BENCHMARKS.md, seventh run).
 
     python bench/step_ratio.py                      # lora_dropout 0.05 and 0, 20 rounds each
     python bench/step_ratio.py --rounds 40 --dropout 0.05
@@ -164,7 +165,8 @@ def peak_gemm(model, tokens: int):
 
 
 def count_flops(base, targets, r: int, dropout: float, inputs) -> dict:
-    """--count-only: LoRA's and the offset form's counted FLOPs on a meta-device model, at any size in a second.
+    """LoRA's and the offset form's counted FLOPs, without an SVD: --count-only runs it on a meta-device model (any
+    size in a second), measure() on the real one when the offset form is not among the timed variants.
 
     The offset layers get A0, B0 = their current A, B (install_offset's default) instead of SVD factors, which a
     meta tensor has no values for; what a step computes does not depend on those values. Subtract is not counted:
@@ -202,7 +204,11 @@ def measure(base, targets, r: int, dropout: float, inputs, rounds: int, warmup: 
 
     models = {name: build(name) for name in VARIANTS if name == "lora" or name in variants}
     flops = {name: counted_flops(m, inputs) for name, m in models.items()}
-    offset_flops = flops["offset"] if "offset" in flops else counted_flops(build("offset"), inputs)
+    # the floor needs the offset form's FLOPs even when it is not timed: counted without its minutes-long SVD init
+    if "offset" in flops:
+        offset_flops = flops["offset"]
+    else:
+        offset_flops = count_flops(base, targets, r, dropout, inputs)["flops"]["offset"]
     frozen_flops = offset_flops - flops["lora"]
     runners = {name: (lambda m=m: step(m, inputs)) for name, m in models.items()}
     tokens = int(inputs["input_ids"].numel())

@@ -142,6 +142,8 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
     only = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.0, inputs=inputs, rounds=3, warmup=1,
                          variants=("subtract",))
     assert {k for k in only if k.endswith("_ratio_cpu")} == {"subtract_ratio_cpu"}  # lora is the reference
+    # offset not timed: its FLOPs for the floor are counted on an SVD-free copy, and come out the same
+    assert only["frozen_path_flops"] == row["frozen_path_flops"]
 
 
 def test_step_ratio_count_only_counts_on_the_meta_device():
