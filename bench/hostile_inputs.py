@@ -23,8 +23,8 @@ import zlib
 from PIL import Image
 
 from milora_vlm.data.dataset import ConversationDataset, NoTrainableRecords
-from milora_vlm.data.records import write_records
-from milora_vlm.data.validation import CheckConfig, check_record
+from milora_vlm.data.records import iter_records, write_records
+from milora_vlm.data.validation import CheckConfig, check_record, read_error_reason
 from milora_vlm.model.tiny import build_tiny_llava, train_tiny_tokenizer
 
 CONV = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]
@@ -54,6 +54,7 @@ def build(root: str) -> list[tuple[str, bytes | dict, int]]:
     whole = open(os.path.join(images, "ok.png"), "rb").read()
     open(os.path.join(images, "cut.png"), "wb").write(whole[: len(whole) // 2])
     Image.new("RGB", (8, 8), "blue").save(os.path.join(root, "secret.png"))
+    Image.new("I;16", (64, 64), 40000).save(os.path.join(images, "grey16.png"))
     os.symlink(os.path.join(root, "secret.png"), os.path.join(images, "link.png"))
 
     def rec(image=None, convs=CONV):
@@ -80,6 +81,16 @@ def build(root: str) -> list[tuple[str, bytes | dict, int]]:
         ("two <image>", rec("ok.png", [{"from": "human", "value": "<image> <image>"}, CONV[1]]), 0),
         ("<image> without an image", rec(convs=CONV), 0),
         ("answer longer than max_length", rec(convs=long_answer), 0),
+        # hostile JSON text, paths and lengths (2026-11-30): the time column is the record's whole handling; peak
+        # memory is a high-water mark, so the large cases go last, the smaller one first
+        ("JSON nested 100,000 deep", b'{"conversations": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 200_019),
+        ("lone surrogate escape \\ud800", b'{"conversations": [{"from": "human", "value": "\\ud800"}]}', 0),
+        ("key given twice", b'{"id": "a", "id": "b", "conversations": []}', 0),
+        ("NUL in the image path", rec("ok.png\x00x"), 0),
+        ("16-bit grey PNG", rec("grey16.png"), size("grey16.png")),
+        ("20 MB answer (one turn), max_length 512",
+         rec(convs=[{"from": "human", "value": "What color?"}, {"from": "gpt", "value": "red " * 5_000_000}]), 20_000_050),
+        ("one 65 MiB line", b'{"pad": "' + b"x" * (65 << 20) + b'"}', (65 << 20) + 11),
     ]
 
 
@@ -91,7 +102,7 @@ def main() -> None:
     _, processor = build_tiny_llava(train_tiny_tokenizer(texts, vocab_size=300))
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     config = CheckConfig(image_folder=os.path.join(root, "images"))
-    print("| input | bytes | training | data_prep | decode + pad |")
+    print("| input | bytes | training | data_prep | time, peak memory growth (training) |")
     print("|---|---|---|---|---|")
     for i, (kind, line, nbytes) in enumerate(cases):
         path = os.path.join(root, f"case{i}.jsonl")
@@ -105,7 +116,7 @@ def main() -> None:
                                  image_processor=processor.image_processor, image_token_id=image_id,
                                  num_image_tokens=17)
         if ds.load_skips:
-            training = f"skipped at load: {ds.load_skips[0].detail.split(':')[0]}"
+            training = f"skipped at load: {ds.load_skips[0].detail.split(' at column')[0]}"
         else:
             sample = ds[0]
             if sample["skipped"]:
@@ -114,17 +125,12 @@ def main() -> None:
                 training = "trained" + "".join(f", counted `changed/{n.reason}`" for n in sample["notes"])
         seconds = time.perf_counter() - t0
         grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-        try:
-            rec = json.loads(line) if isinstance(line, bytes) else dict(line, id="x")
-            verdict = check_record(rec, 1, config).issues if isinstance(rec, dict) else []
-            dropped = [v.reason for v in verdict if v.action == "dropped"]
-            prep = f"dropped: `{dropped[0]}`" if dropped else "kept"
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            from milora_vlm.data.records import iter_records
-            from milora_vlm.data.validation import read_error_reason
-
-            err = next(iter_records(path))[2]
+        _, rec, err = next(iter_records(path))  # read as data_prep reads it, then judged as it judges
+        if err is not None:
             prep = f"dropped: `{read_error_reason(err)}`"
+        else:
+            dropped = [v.reason for v in check_record(rec, 1, config).issues if v.action == "dropped"]
+            prep = f"dropped: `{dropped[0]}`" if dropped else "kept"
         timing = f"{1000 * seconds:.0f} ms, +{grown:.0f} MB peak" if nbytes else ""
         print(f"| {kind} | {nbytes or ''} | {training} | {prep} | {timing} |")
     bad = os.path.join(root, "allbad.jsonl")

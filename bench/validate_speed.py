@@ -2,11 +2,15 @@
 
     python bench/validate_speed.py [--records 665000] [--images 1000] [--image-size 64] [--workers N]
                                    [--format json|jsonl] [--image-check decode|exists] [--tokenizer DIR --max-length N]
+    python bench/validate_speed.py --parse-only [--rounds 5] ...   # reading alone: this project's reader / json's
 
 Generates, in a temporary folder, --records LLaVA-style records (single-turn short-answer VQA, multi-turn
 conversations and text-only ones, in LLaVA-665K's rough proportions) that reuse --images small generated JPEGs,
 runs the validator on it as a user would (a subprocess) and prints the wall time and records/s. Generation is
 not timed. With --images equal to --records every record has its own image: the decode-bound case.
+--parse-only times reading the file instead: records.iter_records (every check of milora_vlm/jsontext.py: nesting,
+duplicate keys, lone surrogates, bounded lines) against the standard library alone (json.loads per line, or
+json.load of the whole array), in the same process, alternating, CPU time, median ratio over --rounds.
 Besides wall time it reports the CPU seconds the validator and its workers used: on a shared machine wall time
 depends on the neighbours, CPU time much less.
 """
@@ -18,6 +22,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +31,7 @@ import time
 from PIL import Image
 from tqdm import tqdm
 
-from milora_vlm.data.records import write_records
+from milora_vlm.data.records import iter_records, write_records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,10 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--image-tokens", type=int, default=None)
+    ap.add_argument("--parse-only", action="store_true", help="time reading the records only (see above)")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data = generate(tmp, args.records, args.images, args.image_size, args.format)
         size_mb = os.path.getsize(data) / 2**20
+        if args.parse_only:
+            return parse_only(data, args, size_mb)
         cmd = [sys.executable, os.path.join(REPO, "data_prep", "llava_instruct.py"), "--input", data,
                "--image-folder", tmp, "--output", os.path.join(tmp, "clean.jsonl"), "--workers", str(args.workers),
                "--image-check", args.image_check]
@@ -110,6 +119,30 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_1min_after": round(os.getloadavg()[0], 1),
         "records_kept": report["records_kept"], "records_dropped": report["records_dropped"],
     }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def parse_only(data: str, args, size_mb: float) -> dict:
+    def project() -> int:
+        return sum(1 for _, rec, err in iter_records(data) if err is None)
+
+    def stdlib() -> int:
+        with open(data, encoding="utf-8") as f:
+            return sum(1 for line in f if json.loads(line)) if data.endswith(".jsonl") else len(json.load(f))
+
+    times: dict[str, list[float]] = {"project": [], "stdlib": []}
+    for _ in range(args.rounds):
+        for name, read in (("project", project), ("stdlib", stdlib)):
+            start = time.process_time()
+            assert read() == args.records
+            times[name].append(time.process_time() - start)
+    ratios = sorted(p / q for p, q in zip(times["project"], times["stdlib"]))
+    result = {"records": args.records, "format": args.format, "input_mb": round(size_mb, 1), "rounds": args.rounds,
+              "project_cpu_s_median": round(statistics.median(times["project"]), 2),
+              "stdlib_cpu_s_median": round(statistics.median(times["stdlib"]), 2),
+              "ratio_median": round(statistics.median(ratios), 3), "ratio_range": [round(ratios[0], 3), round(ratios[-1], 3)],
+              "load_average_1min": round(os.getloadavg()[0], 1)}
     print(json.dumps(result, indent=1))
     return result
 

@@ -16,10 +16,19 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, AutoTokenizer
 
-from .milora.persist import load_milora, read_init_factors, read_lora_config, read_milora_meta
+from .milora.persist import (
+    INIT_FILE,
+    AdapterFileError,
+    check_factor_shapes,
+    load_milora,
+    read_init_factors,
+    read_lora_config,
+    read_milora_meta,
+)
 from .model.load import adapter_base, has_processor_files, has_tokenizer_files, load_base
 
 logger = logging.getLogger(__name__)
@@ -61,8 +70,13 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     lora_cfg = read_lora_config(adapter_dir, meta)  # the real config: PEFT's loader refuses a MiLoRA one
     if lora_cfg.rank_pattern or lora_cfg.alpha_pattern or lora_cfg.use_rslora:
         raise ValueError(f"{adapter_dir}: rank_pattern / alpha_pattern / rslora adapters are not MiLoRA's; cannot export")
+    try:
+        state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
+    except SafetensorError as e:
+        raise AdapterFileError(f"{adapter_dir / ADAPTER_WEIGHTS}: damaged or not a safetensors file ({e})") from None
+    except FileNotFoundError:
+        raise AdapterFileError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (PEFT's adapter weights)") from None
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
 
     if meta["milora"]["init"] == "lora":  # B0 A0 = 0: the adapter already is a plain LoRA
         shutil.copyfile(adapter_dir / ADAPTER_WEIGHTS, output_dir / ADAPTER_WEIGHTS)
@@ -72,6 +86,13 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     factors = read_init_factors(adapter_dir, meta["targets"])
     out: dict[str, torch.Tensor] = {}
     done = set()
+    for name, (A0, B0) in factors.items():
+        A, B = (state.get(f"{PEFT_PREFIX}{name}.{part}.weight") for part in ("lora_A", "lora_B"))
+        if A is not None and B is not None:
+            check_factor_shapes(adapter_dir / INIT_FILE, name, A0, B0, A.shape, B.shape)
+            if A.shape[0] != lora_cfg.r:
+                raise AdapterFileError(f"{adapter_dir / ADAPTER_WEIGHTS}: {name}.lora_A has {A.shape[0]} rows, the "
+                                       f"config says r = {lora_cfg.r}")
     for key, value in state.items():
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
@@ -115,12 +136,38 @@ def copy_recipe(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
             return
 
 
-def export_adapter(adapter_dir, base, to: str, output_dir) -> Path:
-    if to == "merged":
-        out = export_merged(adapter_dir, base if base is not None else adapter_base(adapter_dir), output_dir)
-    elif to == "lora":
-        out = export_lora(adapter_dir, output_dir)
-    else:
+def export_adapter(adapter_dir, base, to: str, output_dir, overwrite: bool = False) -> Path:
+    """Export to output_dir, which must be new or empty (a merged checkpoint and a LoRA adapter in one directory
+    would be ambiguous to every loader); overwrite=True replaces what an earlier export left there. The export is
+    written next to output_dir and moved in place only once complete, so a failed export (a damaged adapter)
+    leaves an earlier one as it was."""
+    if to not in FORMATS:
         raise ValueError(f"--to {to!r}: choose one of {FORMATS}")
-    copy_recipe(adapter_dir, out)
-    return out
+    output_dir = Path(output_dir)
+    occupied = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+    if occupied and not overwrite:
+        raise ValueError(f"--output {output_dir} exists and is not empty; give a new directory (or --overwrite "
+                         "to replace an earlier export)")
+    if output_dir.resolve() in (Path(adapter_dir).resolve(), *Path(adapter_dir).resolve().parents):
+        raise ValueError(f"--output {output_dir} holds the adapter being exported; give another directory")
+    staging = output_dir.with_name(output_dir.name + ".exporting")
+    _remove(staging)  # left by an export that was killed
+    try:
+        if to == "merged":
+            export_merged(adapter_dir, base if base is not None else adapter_base(adapter_dir), staging)
+        else:
+            export_lora(adapter_dir, staging)
+        copy_recipe(adapter_dir, staging)
+    except BaseException:
+        _remove(staging)
+        raise
+    _remove(output_dir)
+    os.replace(staging, output_dir)
+    return output_dir
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

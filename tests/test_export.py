@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlavaProcessor
 
-from milora_vlm.export import export_lora
+from milora_vlm.cli.export_adapter import main as export_adapter_main
+from milora_vlm.export import export_adapter, export_lora
 from milora_vlm.milora import apply_milora, save_milora
+from milora_vlm.milora.persist import INIT_FILE, AdapterFileError
 from tests.helpers import load_script
 from tests.helpers.milora_models import batch, load_model, logits, milora_config, train_step
 
@@ -64,3 +66,119 @@ def test_export_errors(tiny_causal_lm_dir, tmp_path):
         export_cli(["--adapter", str(tmp_path), "--to", "merged", "--output", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="not a MiLoRA adapter directory"):
         export_lora(tmp_path, tmp_path / "o")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# damaged or mismatched adapter files, and where an export may be written
+
+
+@pytest.fixture
+def adapter(tiny_causal_lm_dir, tmp_path):
+    """A freshly initialised (untrained) r=4 MiLoRA adapter on the tiny Llama: enough for the error paths."""
+    model = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", lora_dropout=0.0))
+    save_milora(model, tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+def edit_json(path, change) -> None:
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("to", ["lora", "merged"])
+@pytest.mark.parametrize("rank", [3, 2], ids=["r-1", "r/2"])
+def test_init_factors_of_another_rank_are_refused(adapter, tmp_path, to, rank):
+    """A0/B0 that do not fit lora_A/lora_B would export a silently different function (or fail in a GEMM)."""
+    init = adapter / INIT_FILE
+    factors = load_file(str(init))
+    save_file({k: (v[:rank] if k.endswith(".A0") else v[:, :rank]).contiguous() for k, v in factors.items()}, str(init))
+    out = tmp_path / "out"
+    with pytest.raises(AdapterFileError, match="do not match"):
+        export_adapter(adapter, None, to, out)
+    assert not out.exists() or not any(out.iterdir())  # nothing that looks like a finished export
+
+
+def test_adapter_config_r_not_an_integer(adapter, tmp_path):
+    edit_json(adapter / "adapter_config.json", lambda d: d.update(r="4"))
+    with pytest.raises(AdapterFileError, match="r = '4' is not a positive integer"):
+        export_adapter(adapter, None, "lora", tmp_path / "out")
+
+
+def test_adapter_config_r_disagrees_with_milora_config(adapter, tmp_path):
+    edit_json(adapter / "adapter_config.json", lambda d: d.update(r=8))
+    with pytest.raises(AdapterFileError, match="r = 8 but milora_config.json says r = 4.*different adapters"):
+        export_adapter(adapter, None, "lora", tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, keep", [("adapter_model.safetensors", 0.5), ("adapter_model.safetensors", 0),
+                                        (INIT_FILE, 0.5)], ids=["weights-truncated", "weights-empty", "init-truncated"])
+def test_damaged_safetensors_files(adapter, tmp_path, name, keep):
+    """A cut-off download is an AdapterFileError naming the file, not a raw SafetensorError."""
+    path = adapter / name
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(AdapterFileError, match="damaged") as e:
+        export_adapter(adapter, None, "lora", tmp_path / "out")
+    assert name in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", INIT_FILE])
+def test_damaged_safetensors_files_merged(adapter, tmp_path, name):
+    """The merged route (PEFT's loader, then the init factors) reports the same damage."""
+    path = adapter / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(AdapterFileError, match="damaged"):
+        export_adapter(adapter, None, "merged", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_milora_config_that_is_a_json_list(adapter, tmp_path):
+    (adapter / "milora_config.json").write_text("[1, 2]")
+    with pytest.raises(AdapterFileError, match="must hold a JSON object, not a list"):
+        export_adapter(adapter, None, "lora", tmp_path / "out")
+
+
+def test_cli_missing_init_factors_is_a_usage_error(adapter, tmp_path, capsys):
+    """A missing file is exit 2 with the message, not a traceback."""
+    (adapter / INIT_FILE).unlink()
+    with pytest.raises(SystemExit) as e:
+        export_adapter_main(["--adapter", str(adapter), "--to", "lora", "--output", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{INIT_FILE} not found" in err and "Traceback" not in err
+
+
+def test_export_into_a_non_empty_output_needs_overwrite(adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.bin").write_text("an earlier export")
+    with pytest.raises(ValueError, match="not empty"):
+        export_adapter(adapter, None, "lora", out)
+    assert (out / "stale.bin").exists()
+    export_adapter_main(["--adapter", str(adapter), "--to", "lora", "--output", str(out), "--overwrite"])
+    assert not (out / "stale.bin").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("where", ["adapter", "its parent"])
+def test_overwrite_never_removes_the_adapter_itself(adapter, where):
+    out = adapter if where == "adapter" else adapter.parent
+    before = sorted(p.name for p in adapter.iterdir())
+    with pytest.raises(ValueError, match="holds the adapter being exported"):
+        export_adapter(adapter, None, "lora", out, overwrite=True)
+    assert sorted(p.name for p in adapter.iterdir()) == before
+
+
+def test_a_failed_overwrite_keeps_the_earlier_export(adapter, tmp_path):
+    """The new export is written beside --output and moved in only when complete."""
+    out = tmp_path / "out"
+    export_adapter(adapter, None, "lora", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (adapter / INIT_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="B0/A0 are missing"):
+        export_adapter(adapter, None, "lora", out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "out.exporting").exists()
+    with pytest.raises(ValueError, match="choose one of"):  # the Python API checks `to` before touching anything
+        export_adapter(adapter, None, "gguf", out, overwrite=True)
+    assert {p.name for p in out.iterdir()} == set(before)

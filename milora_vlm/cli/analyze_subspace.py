@@ -16,6 +16,7 @@ import argparse
 import os
 
 import torch
+from peft import NoMatchingPeftModuleError
 
 from milora_vlm.cli import exit_status_zero
 from milora_vlm import analysis as an
@@ -76,8 +77,15 @@ def main(argv: list[str] | None = None) -> dict[str, an.SubspaceReport]:
     dtype = getattr(torch, args.svd_dtype)
     reports = {}
     for path, label in zip(args.adapter, labels):
-        report = an.analyze_checkpoint(args.base, path, label=label, rank=args.rank, targets=targets, layers=args.layers,
-                                       grid_modules=args.grid_module or "default", device=args.device, dtype=dtype)
+        try:
+            report = an.analyze_checkpoint(args.base, path, label=label, rank=args.rank, targets=targets,
+                                           layers=args.layers, grid_modules=args.grid_module or "default",
+                                           device=args.device, dtype=dtype)
+        except NoMatchingPeftModuleError as e:
+            raise SystemExit(f"error: {path}: its adapter's modules are not in --base {args.base} (is that the model "
+                             f"it was trained on?): {e}") from None
+        except (ValueError, OSError) as e:  # each names the checkpoint and the option to fix
+            raise SystemExit(f"error: {path}: {e}") from None
         paths = an.write_report(report, os.path.join(args.output, an.safe_name(label)))
         reports[label] = report
         print(f"{label}: {len(report.modules)} modules analysed, {len(report.skipped)} skipped -> {os.path.dirname(paths['json'])}")

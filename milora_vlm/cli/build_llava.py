@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from milora_vlm.config.checks import looks_like_hub_id
 from milora_vlm.model.build import compose_llava
 
 
@@ -27,6 +28,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if os.path.exists(args.output) and os.listdir(args.output):
         p.error(f"--output {args.output} exists and is not empty")
+    for flag, value in (("--language-model", args.language_model), ("--vision-tower", args.vision_tower),
+                        ("--projector-weights", args.projector_weights)):
+        # a mistyped local path would otherwise end in transformers' "couldn't connect to huggingface.co"
+        if value is not None and not os.path.exists(value) and (flag == "--projector-weights" or not looks_like_hub_id(value)):
+            p.error(f"{flag} {value}: no such file or directory" + ("" if flag == "--projector-weights" else
+                                                                    " (nor a hub name of the form owner/name)"))
     try:
         compose_llava(args.language_model, args.vision_tower, args.output, args.projector,
                       args.vision_feature_layer, args.vision_feature_select_strategy, args.projector_weights)

@@ -36,6 +36,7 @@ import yaml
 
 from milora_vlm.cli import exit_status_zero
 from milora_vlm import analysis as an
+from milora_vlm.config import ConfigError, read_yaml
 from milora_vlm.data.records import RecordWriter, write_records
 from milora_vlm.data.subset import seeded_subset
 
@@ -67,8 +68,10 @@ def log(msg: str) -> None:
 
 
 def load_raw_recipe(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+    try:
+        raw = read_yaml(path)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     if not isinstance(raw, dict) or not isinstance(raw.get("adapter"), dict):
         raise SystemExit(f"{path}: needs an `adapter:` section (the study varies adapter.init)")
     return raw
@@ -161,9 +164,11 @@ def questions_as_conversations(questions_path: str, out_path: str) -> str:
     return out_path
 
 
-def forgetting_batches(conversations: str, base_recipe, loaded, batch_size: int) -> tuple[list[dict], list[str]]:
+def forgetting_batches(conversations: str, base_recipe, loaded, batch_size: int,
+                       image_folder: str | None = None) -> tuple[list[dict], list[str]]:
     """Batches of the held-out conversations, encoded exactly as training encodes (the dataset's `encode` and the
-    collator); a conversation that cannot be encoded (e.g. longer than data.max_length) is skipped and reported."""
+    collator); a conversation that cannot be encoded (e.g. longer than data.max_length) is skipped and reported.
+    Their images are in `image_folder` (the question files' --image-folder; default: the recipe's)."""
     from milora_vlm.data.collator import SKIPS_KEY, ConversationCollator
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.data.records import iter_records
@@ -172,7 +177,8 @@ def forgetting_batches(conversations: str, base_recipe, loaded, batch_size: int)
     d = base_recipe.data
     image_token_id = getattr(loaded.model.config, "image_token_id", None) if loaded.is_llava else None
     num_image_tokens = getattr(loaded.model.config, "image_seq_length", 0) if loaded.is_llava else 0
-    ds = ConversationDataset(conversations, loaded.tokenizer, d.template, d.max_length, image_folder=d.image_folder,
+    ds = ConversationDataset(conversations, loaded.tokenizer, d.template, d.max_length,
+                             image_folder=image_folder or d.image_folder,
                              image_processor=loaded.processor.image_processor if loaded.is_llava else None,
                              image_token_id=image_token_id, num_image_tokens=num_image_tokens,
                              image_aspect_ratio=d.image_aspect_ratio)
@@ -288,7 +294,7 @@ def write_results(output: str, results: dict[str, list[dict]], meta: dict, plot:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--recipe", required=True, help="the training recipe every run starts from (needs an adapter section)")
     ap.add_argument("--output", required=True, help="study directory")
     ap.add_argument("--inits", nargs="+", default=list(STUDY_GROUPS), choices=STUDY_GROUPS)
@@ -323,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the deepspeed launcher's processes
-    from milora_vlm.config import ConfigError, build_recipe
+    from milora_vlm.config import build_recipe
     from milora_vlm.model.trainable import adapter_target_modules
 
     raw = load_raw_recipe(args.recipe)
@@ -356,9 +362,12 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     conversations = questions_as_conversations(held_out, os.path.join(eval_dir, "forgetting_conversations.jsonl"))
 
     from milora_vlm.model.load import load_for_inference
+    from milora_vlm.train.pipeline import prepare_model_and_data
 
+    prepare_model_and_data(recipe)  # a recipe that builds its base (bootstrap, a composed LLaVA): before it loads
     base = load_for_inference(recipe.model.path, dtype="float32")
-    ctx["forgetting_batches"], skipped = forgetting_batches(conversations, recipe, base, batch_size=16)
+    ctx["forgetting_batches"], skipped = forgetting_batches(conversations, recipe, base, batch_size=16,
+                                                            image_folder=ctx["image_folder"])
     if skipped:
         log(f"forgetting set: {len(skipped)} conversations skipped; first: {skipped[:3]}")
     meta = {"recipe": args.recipe, "seeds": args.seeds, "max_steps": args.max_steps or recipe.training.get("max_steps"),

@@ -21,13 +21,14 @@ def main(argv=None) -> None:
     parser.add_argument("--base", help="the original base checkpoint for --to merged (default: the one the adapter's "
                         "adapter_config.json names)")
     parser.add_argument("--to", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="a new or empty directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace what is in --output (an earlier export)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        out = export_adapter(args.adapter, args.base, args.to, args.output)
-    except ValueError as e:
-        parser.error(str(e))
+        out = export_adapter(args.adapter, args.base, args.to, args.output, overwrite=args.overwrite)
+    except (ValueError, OSError, KeyError) as e:  # each names the file and what is wrong with it
+        parser.error(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
     print(f"exported {args.adapter} as {args.to} to {out}")
 
 

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-file", required=True, help="JSONL/JSON questions: question_id, text[, image]")
     p.add_argument("--answers-file", required=True, help="answers JSONL to write (appended to when resuming)")
     p.add_argument("--image-folder", help="folder that question 'image' paths are relative to")
+    p.add_argument("--allow-images-outside-folder", action="store_true",
+                   help="answer questions whose image path resolves outside --image-folder (../, absolute, a "
+                   "symlink out); by default they are skipped and reported, as in training")
     p.add_argument("--template", choices=template_names(), help="conversation template (default: the recipe's)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, help="nucleus sampling when --temperature > 0")
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             batch_size=args.batch_size,
             image_folder=args.image_folder,
+            allow_images_outside_folder=args.allow_images_outside_folder,
             image_aspect_ratio=args.image_aspect_ratio,
             answer_prefix=args.answer_prefix,
             extra_stop_strings=tuple(args.stop),
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             questions = [q for q in questions if q.key not in merged]
         report = generate_answers(loaded, questions, output, settings, source=args.question_file,
                                   show_progress=not args.no_progress and rank == 0)
-    except EvalInputError as e:
+    except (EvalInputError, OSError, ValueError) as e:  # bad inputs, a missing model dir, --chunk-idx out of range
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"rank {rank}: wrote {report.written} answers, {report.already_done} already done, "

@@ -10,6 +10,7 @@ image_labels.jsonl and summary.json (counts per family and category, skipped rec
 from __future__ import annotations
 
 import argparse
+import os
 
 from milora_vlm.cli import exit_status_zero
 from milora_vlm.demo.easyvqa import DEFAULT_REPLAY, SPLITS, convert, format_summary
@@ -32,6 +33,10 @@ def main(argv: list[str] | None = None) -> dict:
                          "(of their number) of old-family ones (default %(default)s; 0 = not written)")
     ap.add_argument("--no-copy-images", action="store_true", help="do not copy the images (they are already there)")
     args = ap.parse_args(argv)
+    if not 0 <= args.replay <= 1:
+        ap.error(f"--replay must be a fraction in [0, 1], got {args.replay}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        ap.error(f"--output {args.output} is a file; give a folder")
     summary = convert(args.output, args.split_by, args.seed, args.max_train, args.max_eval,
                       copy_images=not args.no_copy_images, balance=not args.no_balance,
                       replay=args.replay)

@@ -20,7 +20,7 @@ import sys
 from tqdm import tqdm
 
 from milora_vlm.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records, position_kind, record_line
+from milora_vlm.data.records import RecordFileError, RecordWriter, iter_records, position_kind, output_path, record_line
 from milora_vlm.data.templates import template_names
 from milora_vlm.data.validation import (
     DROPPED,
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--input", required=True, help="LLaVA conversation data: .json (array) or .jsonl")
     ap.add_argument("--image-folder", default=None,
                     help="folder the records' 'image' paths are relative to (default: the current directory)")
-    ap.add_argument("--output", required=True, help="cleaned data: .jsonl, or .json for an array")
+    ap.add_argument("--output", required=True, type=output_path, help="cleaned data: .jsonl, or .json for an array")
     ap.add_argument("--image-check", choices=["decode", "exists"], default="decode",
                     help="decode: open and decode every image fully (catches truncated files; default); "
                          "exists: only check that the file is there (fast)")

@@ -32,7 +32,6 @@ to decode every image). Everything dropped is listed in OUT.report.json with its
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -41,7 +40,8 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from milora_vlm.data.records import RecordFileError, RecordWriter
+from milora_vlm import jsontext
+from milora_vlm.data.records import RecordFileError, RecordWriter, output_path
 from milora_vlm.data.skips import SkipSample
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER
 from milora_vlm.data.validation import Report, finish, report_path_for, text_field
@@ -92,14 +92,15 @@ def _object(item) -> dict:
 
 def _load(path: str, what: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise RecordFileError(f"{path}: no such file ({what})") from None
-    except json.JSONDecodeError as e:
-        raise RecordFileError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:  # one document: a bad byte cannot be skipped as one record
-        raise RecordFileError(f"{path}: not UTF-8: byte 0x{e.object[e.start]:02x} at offset {e.start}") from None
+        return jsontext.read_file(path, f"{what} file")
+    except jsontext.InputFileError as e:  # one document: a bad byte or a bad record cannot be skipped as one record
+        raise RecordFileError(str(e)) from None
+
+
+def _key(entry) -> int | str | None:
+    """An entry's question_id when it can be a dict key (the converter judges its type and counts a bad one)."""
+    qid = entry.get("question_id") if isinstance(entry, dict) else None
+    return qid if isinstance(qid, (int, str)) else None
 
 
 def _require(doc, key: str | None, kind: type, path: str):
@@ -116,9 +117,9 @@ def read_vqav2(args) -> Iterator[tuple[int, object]]:
     doc = _load(args.questions, "questions")
     questions = _require(doc, "questions", list, args.questions)
     anns = _require(_load(args.annotations, "annotations"), "annotations", list, args.annotations)
-    by_qid = {a.get("question_id"): a for a in anns if isinstance(a, dict)}
+    by_qid = {_key(a): a for a in anns if _key(a) is not None}
     for i, q in enumerate(questions, start=1):
-        yield i, (q, by_qid.get(q.get("question_id")) if isinstance(q, dict) else None, doc.get("data_subtype"))
+        yield i, (q, by_qid.get(_key(q)), doc.get("data_subtype"))
 
 
 def convert_vqav2(item) -> Question:
@@ -177,6 +178,10 @@ def convert_vizwiz(q) -> Question:
 
 def read_scienceqa(args):
     doc = _require(_load(args.questions, "problems"), None, dict, args.questions)
+    splits = Counter(str(p.get("split")) for p in doc.values() if isinstance(p, dict))
+    if args.split != "all" and args.split not in splits:  # a misspelt split would convert nothing, quietly
+        present = ", ".join(f"{k} ({n})" for k, n in sorted(splits.items())) or "none"
+        raise RecordFileError(f"{args.questions}: no problem has split {args.split!r}; its splits: {present}")
     for i, (pid, p) in enumerate(doc.items(), start=1):
         if isinstance(p, dict) and args.split != "all" and p.get("split") != args.split:
             args.not_selected["other_split"] += 1
@@ -283,7 +288,7 @@ def parse_args(argv):
     ap.add_argument("--images-only", action="store_true", help="scienceqa: only problems with an image (SQA-IMG)")
     ap.add_argument("--group-by-image", action="store_true",
                     help="one multi-turn conversation per image (questions in input order), as LLaVA-1.5's mix does")
-    ap.add_argument("--output", required=True, help="conversations: .jsonl, or .json for an array")
+    ap.add_argument("--output", required=True, type=output_path, help="conversations: .jsonl, or .json for an array")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any question was dropped")
     args = ap.parse_args(argv)
     fmt = FORMATS[args.format]

@@ -10,7 +10,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from milora_vlm.data.records import RecordFileError, RecordWriter, iter_source, position_kind
+from milora_vlm.data.records import RecordFileError, RecordWriter, iter_source, output_path, position_kind
 from milora_vlm.data.validation import Report, convert_records, finish, report_path_for
 
 
@@ -28,7 +28,7 @@ def run_text_converter(
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="local .json/.jsonl file, or a hub data set name (owner/name)")
     ap.add_argument("--split", default="train", help="split of a hub data set (default train)")
-    ap.add_argument("--output", required=True, help="conversations: .jsonl, or .json for an array")
+    ap.add_argument("--output", required=True, type=output_path, help="conversations: .jsonl, or .json for an array")
     ap.add_argument("--strict", action="store_true", help="exit 1 if any record was dropped")
     args = ap.parse_args(argv)
     local = os.path.exists(args.input)

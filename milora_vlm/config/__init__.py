@@ -1,7 +1,7 @@
 """Training recipes: YAML files with typed, validated sections, and command-line overrides of the same keys.
 
     schema.py   the sections as dataclasses; each field's help and choices next to it (`train_vlm.py --help`)
-    parsing.py  YAML (duplicate keys refused), --key value overrides, values typed and checked per field
+    parsing.py  YAML (duplicate keys and alias bombs refused: read_yaml), --key value overrides, values typed and checked per field
     checks.py   cross-field, path and DeepSpeed checks, and what this machine's hardware can honour
 
 Everything that can be checked without loading a model is checked in `load_recipe`: unknown keys (with a
@@ -12,7 +12,7 @@ milora_vlm.model.trainable.check_adapter_targets. Command-line overrides go thro
 """
 
 from .checks import resolve_hardware
-from .parsing import apply_overrides, build_recipe, load_recipe, parse_overrides, training_argument_types
+from .parsing import apply_overrides, build_recipe, load_recipe, parse_overrides, read_yaml, training_argument_types
 from .schema import (
     RECIPE_FILENAME,
     RESUME_AUTO,
@@ -27,6 +27,7 @@ from .schema import (
 
 __all__ = [
     "RECIPE_FILENAME",
+    "read_yaml",
     "RESUME_AUTO",
     "ConfigError",
     "DataSection",

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import os
 from typing import Any, Optional
 
 import torch
+
+from milora_vlm import jsontext
 
 from .schema import RESUME_AUTO, ConfigError, Recipe, _did_you_mean
 
@@ -19,13 +20,13 @@ from .schema import RESUME_AUTO, ConfigError, Recipe, _did_you_mean
 # ----------------------------------------------------------------------------------------------------------------
 # whole-recipe checks
 
-def _looks_like_hub_id(value: str) -> bool:
+def looks_like_hub_id(value: str) -> bool:
     parts = value.split("/")
     return len(parts) == 2 and all(parts) and not value.startswith((".", "~")) and not os.path.isabs(value)
 
 
 def _check_model_source(key: str, value: Optional[str]) -> None:
-    if value is None or os.path.exists(value) or _looks_like_hub_id(value):
+    if value is None or os.path.exists(value) or looks_like_hub_id(value):
         return
     raise ConfigError(f"{key}: {value!r} does not exist (give a local directory or a hub id such as org/name)")
 
@@ -48,7 +49,7 @@ def _check_paths(r: Recipe) -> None:
     composing = m.language_model is not None or m.vision_tower is not None
     if m.path is None:
         raise ConfigError("model.path is required: the checkpoint to load (or, for llava, where to save the composed model)")
-    if not os.path.exists(m.path) and not _looks_like_hub_id(m.path) and not composing and r.bootstrap is None:
+    if not os.path.exists(m.path) and not looks_like_hub_id(m.path) and not composing and r.bootstrap is None:
         raise ConfigError(
             f"model.path: {m.path!r} does not exist; give an existing checkpoint, or model.language_model + "
             "model.vision_tower to compose a LLaVA there, or bootstrap: tiny to build a tiny one there"
@@ -74,10 +75,9 @@ def _check_paths(r: Recipe) -> None:
         if not os.path.isfile(r.deepspeed):
             raise ConfigError(f"deepspeed: no such file {r.deepspeed!r} (see configs/zero2.json, configs/zero3.json)")
         try:
-            with open(r.deepspeed, encoding="utf-8") as f:
-                ds = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed: {r.deepspeed} is not valid JSON: line {e.lineno}: {e.msg}") from None
+            ds = jsontext.read_file(r.deepspeed, "DeepSpeed config")
+        except jsontext.InputFileError as e:
+            raise ConfigError(f"deepspeed: {e}") from None
         _check_zero(r.deepspeed, ds)
     resume = r.training.get("resume_from_checkpoint")
     if resume not in (None, RESUME_AUTO) and not os.path.isdir(resume):
@@ -86,21 +86,33 @@ def _check_paths(r: Recipe) -> None:
         )
 
 
+def _section(path: str, parent: dict, key: str, where: str = "") -> dict:
+    """parent[key] as a mapping ({} when absent or null); any other value is an error naming the key."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"deepspeed: {path}: `{where}{key}` must be a JSON object such as "
+                          f'{{"enabled": true}} or {{"device": "cpu"}}, not {type(value).__name__} {str(value)[:80]!r}')
+    return value
+
+
 def _check_zero(path: str, ds: Any) -> None:
     """ZeRO settings DeepSpeed would refuse (or silently ignore) only after the model is loaded."""
-    zero = ds.get("zero_optimization", {}) if isinstance(ds, dict) else None
-    if not isinstance(zero, dict):
+    if not isinstance(ds, dict):
         raise ConfigError(f"deepspeed: {path}: expected a JSON object with a `zero_optimization` mapping")
+    zero = _section(path, ds, "zero_optimization")
     _check_deepspeed_keys(path, ds)
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):  # true == 1 in Python: DeepSpeed would run stage 1
         raise ConfigError(f"deepspeed: {path}: zero_optimization.stage {stage!r} is not one of 0, 1, 2, 3")
-    offloaded = lambda key: (zero.get(key) or {}).get("device", "none") not in ("none", None)  # noqa: E731
+    offloaded = lambda key: _section(path, zero, key, "zero_optimization.").get("device", "none") not in (  # noqa: E731
+        "none", None)
     if offloaded("offload_param") and stage != 3:
         raise ConfigError(f"deepspeed: {path}: offload_param needs zero_optimization.stage 3 (it is {stage})")
     if offloaded("offload_optimizer") and stage == 0:
         raise ConfigError(f"deepspeed: {path}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
-    if (ds.get("fp16") or {}).get("enabled") is True and (ds.get("bf16") or {}).get("enabled") is True:
+    if _section(path, ds, "fp16").get("enabled") is True and _section(path, ds, "bf16").get("enabled") is True:
         raise ConfigError(f"deepspeed: {path}: fp16 and bf16 are both enabled; choose one (or 'auto')")
 
 
@@ -164,6 +176,9 @@ def _check_run_settings(r: Recipe) -> None:
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in t and t[key] < 1:
             raise ConfigError(f"training.{key}: {t[key]} must be at least 1")
+    if t.get("max_steps") == 0:  # transformers would still run one step and save that adapter
+        raise ConfigError("training.max_steps: 0 trains nothing; give max_steps > 0, or -1 (the default) to train "
+                          "for num_train_epochs")
     if t.get("num_train_epochs", 1) <= 0 and t.get("max_steps", -1) <= 0:
         raise ConfigError(f"training.num_train_epochs: {t['num_train_epochs']} trains nothing (max_steps is not set) "
                           "and would save an untrained adapter; give num_train_epochs > 0 or max_steps > 0")
@@ -231,7 +246,7 @@ def _absolute_paths(r: Recipe) -> None:
     """Local paths become absolute, so the saved recipe and the adapter's base_model_name_or_path work from any
     directory; hub ids stay as they are. model.path is always local when it is to be composed or bootstrapped."""
     def local(p: Optional[str], always: bool = False) -> Optional[str]:
-        if p is None or (not always and not os.path.exists(p) and _looks_like_hub_id(p)):
+        if p is None or (not always and not os.path.exists(p) and looks_like_hub_id(p)):
             return p
         return os.path.abspath(os.path.expanduser(p))
 

@@ -6,6 +6,7 @@ are in checks.py; build_recipe runs them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -13,6 +14,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from milora_vlm import jsontext
 from milora_vlm.milora import MiLoRAConfig
 from milora_vlm.registry import Registry
 
@@ -80,14 +82,19 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            number = float(value) if not isinstance(value, int) or abs(value) < 2 ** 1023 else math.inf
+        elif isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # no recipe number means "unlimited": .nan / .inf only fail later, mid-run
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -250,27 +257,67 @@ def apply_overrides(raw: dict, pairs: list[tuple[str, str]]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # the YAML file and the whole recipe
 
-class _DuplicateKey(ValueError):
+class _BadYaml(ValueError):
     pass
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_NODES = 100_000  # values after anchors and aliases are expanded: a recipe has a few hundred
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last), a key that
+    is not a scalar, and a document that anchors and aliases expand past MAX_RECIPE_NODES values ("billion
+    laughs": a kilobyte of YAML that expands to gigabytes once anything walks it) or into a cycle."""
+
+    def construct_document(self, node):
+        _check_expanded_size(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key_node, _ in node.value:
+                line = key_node.start_mark.line + 1
+                if not isinstance(key_node, yaml.ScalarNode):
+                    raise _BadYaml(f"line {line}: a key must be a plain name, not a {key_node.id}")
                 key = self.construct_object(key_node, deep=deep)
                 if key == "<<":  # merge keys may repeat
                     continue
-                line = key_node.start_mark.line + 1
                 if key in seen:
-                    raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would "
-                                        "silently keep the last one: delete one of them")
+                    raise _BadYaml(f"key {key!r} is given twice (lines {seen[key]} and {line}); YAML would "
+                                   "silently keep the last one: delete one of them")
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Count the values the node graph stands for once aliases are expanded (shared nodes counted once per use),
+    without expanding it: sizes are summed bottom-up over the graph, which is small even when the count is not."""
+    def children(node):
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return node.value if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # the current path from the root
+    stack = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = min(MAX_RECIPE_NODES + 1, 1 + sum(sizes[id(c)] for c in children(node)))
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise _BadYaml(f"line {node.start_mark.line + 1}: an alias refers to a value that contains it (a cycle)")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children(node) if id(c) not in sizes)
+    if sizes[id(root)] > MAX_RECIPE_NODES:
+        raise _BadYaml(f"anchors and aliases expand it to more than {MAX_RECIPE_NODES} values; a recipe needs a "
+                       "few hundred: write the values out")
 
 
 def build_recipe(raw: dict, source: Optional[str] = None) -> Recipe:
@@ -302,17 +349,30 @@ def build_recipe(raw: dict, source: Optional[str] = None) -> Recipe:
 
 
 
+def read_yaml(path: str | os.PathLike, what: str = "recipe") -> Any:
+    """The YAML document in `path`, read with _UniqueKeyLoader; anything that stops it (too large, not UTF-8, not
+    YAML, a duplicate or non-scalar key, anchors that expand too far) is a ConfigError naming the file."""
+    path = os.fspath(path)
+    try:
+        text = jsontext.read_utf8(path, what, MAX_RECIPE_BYTES)
+    except jsontext.InputFileError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except _BadYaml as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[tuple[str, str]] = ()) -> Recipe:
     """Read a YAML recipe, apply (key, raw value) overrides and check everything that needs no model."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        except _DuplicateKey as e:
-            raise ConfigError(f"{path}: {e}") from None
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with sections {_TOP_LEVEL}, got a YAML {type(raw).__name__}")
     return build_recipe(apply_overrides(raw, list(overrides)), source=path)
-

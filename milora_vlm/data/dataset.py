@@ -40,6 +40,7 @@ from .templates import (
 
 logger = logging.getLogger(__name__)
 
+ESTIMATE_CHARS = 1 << 20  # per turn, for the length estimate: LLaVA-665K's longest turn is ~10 K characters
 ANSWER_TRUNCATED = "answer_truncated"  # a kept sample whose answer max_length cut (the skip of the same name: none left)
 
 
@@ -123,9 +124,12 @@ class ConversationDataset(Dataset):
         return f"{self.path}:{self._kind} {pos}"
 
     def _estimate_length(self, rec: dict) -> int:
-        """LLaVA's estimate: words of all turns (+ image tokens); negative marks a text-only record."""
+        """LLaVA's estimate: words of all turns (+ image tokens); negative marks a text-only record. Each turn is
+        read up to ESTIMATE_CHARS (a multi-megabyte turn would make millions of word strings here, only to sort
+        by a length far beyond any max_length)."""
         convs = rec.get("conversations")
-        words = sum(len(str(t.get("value", "")).split()) for t in convs if isinstance(t, dict)) if isinstance(convs, list) else 0
+        words = sum(len(str(t.get("value", ""))[:ESTIMATE_CHARS].split()) for t in convs
+                    if isinstance(t, dict)) if isinstance(convs, list) else 0
         words = max(words, 1)
         return words + self.num_image_tokens if rec.get("image") is not None else -words
 

@@ -40,6 +40,8 @@ def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confi
     confine: the resolved path (symlinks followed) must lie inside `image_folder`, so a record cannot make
     training read `../x.png`, an absolute path or a symlink out of the folder (SkipSample "image_outside_folder").
     """
+    if "\0" in image:  # the OS refuses such a path (ValueError from every os call), so it names no file
+        raise SkipSample("bad_image_field", f"field 'image' {image[:200]!r} holds a NUL character")
     if image_folder is None:
         return image
     path = os.path.join(image_folder, image)  # an absolute `image` replaces the folder here
@@ -50,6 +52,26 @@ def resolve_image_path(image: str, image_folder: str | os.PathLike | None, confi
                            f"folder {root} (allow it with data.allow_images_outside_folder / "
                            "--allow-images-outside-folder)")
     return path
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """img as 8-bit RGB. PIL's convert("RGB") (LLaVA's call) clips wide grey modes at 255, so a 16-bit PNG comes
+    out almost white: those are rescaled first (16-bit, and 32-bit "I" holding 16-bit values: / 257; float "F"
+    holding [0, 1]: x 255). Every 8-bit mode, all LLaVA's data, goes straight to convert("RGB")."""
+    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if img.mode in _SIXTEEN_BIT or (img.mode == "I" and low >= 0 and 255 < high <= 65535):
+            arr = arr / 257.0
+        elif img.mode == "F" and low >= 0 and high <= 1:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8: mode "L"
+    return img.convert("RGB")
 
 
 def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -71,7 +93,7 @@ def load_image(path: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> 
                                    f"max_image_pixels {max_pixels} (raise data.max_image_pixels / --max-image-pixels "
                                    "if the image is genuine)")
                 img.load()
-                return img.convert("RGB")
+                return _to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SkipSample("image_too_large", f"{path}: {e} (PIL's limit, 2 x PIL.Image.MAX_IMAGE_PIXELS, applies above "
                        f"max_image_pixels {max_pixels})") from None

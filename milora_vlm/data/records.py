@@ -5,10 +5,13 @@ Used by the data_prep validators and by the training dataset, so both judge a re
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 from typing import Iterable, Iterator
+
+from .. import jsontext
 
 
 class RecordFileError(ValueError):
@@ -32,10 +35,16 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
     path = os.fspath(path)
     if not os.path.exists(path):
         raise RecordFileError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # every line would be dropped as not UTF-8: say why, once
+            raise RecordFileError(f"{path}: the file is UTF-16 (byte-order mark); re-save it as UTF-8")
     if path.endswith(".jsonl"):
         # Lines are decoded one by one, so a stray non-UTF-8 byte costs its record, not the file.
         with open(path, "rb") as f:
-            for line_no, raw in enumerate(f, start=1):
+            for line_no, raw in jsontext.iter_lines(f):
+                if raw is None:
+                    yield line_no, None, f"malformed JSON: a line longer than {jsontext.MAX_LINE_BYTES:,} bytes"
+                    continue
                 try:
                     # utf-8-sig: a byte-order mark (written by some Windows tools) would otherwise break line 1.
                     line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -45,9 +54,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = jsontext.parse(line.rstrip("\r\n"))  # a cut-off line's error at its real column
                 except json.JSONDecodeError as e:
-                    yield line_no, None, f"malformed JSON: {e.msg} at column {e.colno}"
+                    yield line_no, None, f"malformed JSON: {jsontext.decode_error(e, line=False)}"
                     continue
                 if not isinstance(rec, dict):
                     yield line_no, None, f"record is a {type(rec).__name__}, not an object"
@@ -56,9 +65,9 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
         return
     # surrogateescape: a non-UTF-8 byte becomes a lone surrogate in the text, found in its record's span (below).
     with open(path, "r", encoding="utf-8-sig", errors="surrogateescape") as f:
-        for idx, (rec, bad_byte) in enumerate(_JsonArrayStream(f, path), start=1):
-            if bad_byte is not None:
-                yield idx, None, f"not UTF-8: byte 0x{bad_byte:02x}"
+        for idx, (rec, err) in enumerate(_JsonArrayStream(f, path), start=1):
+            if err is not None:
+                yield idx, None, err
             elif not isinstance(rec, dict):
                 yield idx, None, f"record is a {type(rec).__name__}, not an object"
             else:
@@ -67,7 +76,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
-_DECODER = json.JSONDecoder()
+_PLAIN = json.JSONDecoder()  # only to find where a refused element ends
 
 
 class _JsonArrayStream:
@@ -78,7 +87,7 @@ class _JsonArrayStream:
     """
 
     READ_SIZE = 1 << 20
-    MAX_RECORD_CHARS = 64 << 20  # beyond this, a record that still does not parse is malformed, not cut
+    MAX_RECORD_CHARS = jsontext.MAX_LINE_BYTES  # beyond this, a record that still does not parse is malformed, not cut
 
     def __init__(self, f, path: str):
         self.f, self.path = f, path
@@ -110,20 +119,27 @@ class _JsonArrayStream:
         return RecordFileError(f"{self.path}: {msg} at line {line}")
 
     def _decode(self):
-        """The next element, and the first non-UTF-8 byte in its text (None when there is none)."""
+        """The next element and None, or None and what is wrong with that element (it is skipped, not the file)."""
         while True:
             try:
-                obj, end = _DECODER.raw_decode(self.buf, self.i)
+                obj, end = jsontext.raw_decode(self.buf, self.i)
+                err = None
             except json.JSONDecodeError as e:
-                # Either the element is cut by the buffer's end (read more) or it is malformed.
-                if len(self.buf) - self.i > self.MAX_RECORD_CHARS or not self._more():
-                    raise self._error(f"malformed JSON ({e.msg})", e.pos) from None
-                continue
+                try:  # complete but refused (a duplicate key, a lone surrogate)? Then only this record is bad.
+                    _, end = _PLAIN.raw_decode(self.buf, self.i)
+                    obj, err = None, f"malformed JSON: {jsontext.reason(e)}"
+                except (json.JSONDecodeError, RecursionError):
+                    # Either the element is cut by the buffer's end (read more) or it is malformed.
+                    if len(self.buf) - self.i > self.MAX_RECORD_CHARS or not self._more():
+                        raise self._error(f"malformed JSON ({jsontext.reason(e)})", e.pos) from None
+                    continue
             if end == len(self.buf) and self._more():
                 continue  # a bare number may have been cut at the buffer's end: parse again with more text
             bad = _ESCAPED_BYTE.search(self.buf, self.i, end)
             self.i = end
-            return obj, None if bad is None else ord(bad.group()) - 0xDC00
+            if bad is not None:
+                return None, f"not UTF-8: byte 0x{ord(bad.group()) - 0xDC00:02x}"
+            return obj, err
 
     def __iter__(self):
         first = self._peek()
@@ -161,6 +177,8 @@ def iter_source(source: str, split: str = "train") -> Iterator[tuple[int, dict |
     if os.path.exists(source):
         yield from iter_records(source)
         return
+    if source.endswith((".json", ".jsonl")):  # a file name (data/x.json also looks like owner/name): not the hub
+        raise RecordFileError(f"{source}: no such file")
     if not _HUB_NAME.fullmatch(source):
         raise RecordFileError(f"{source}: no such file, and not a hub data set name of the form owner/name")
     from datasets import load_dataset  # imported here: only the hub path needs it, and it is slow to import
@@ -171,6 +189,14 @@ def iter_source(source: str, split: str = "train") -> Iterator[tuple[int, dict |
         raise RecordFileError(f"cannot load hub data set {source!r} split {split!r}: {type(e).__name__}: {e}") from e
     for idx, row in enumerate(rows, start=1):
         yield idx, dict(row), None
+
+
+def output_path(value: str) -> str:
+    """argparse `type` of a data_prep --output: RecordWriter picks JSONL or a JSON array by the name, so any other
+    name (out.txt) would be written in a format the reader of that name cannot guess."""
+    if not value.endswith((".json", ".jsonl")):
+        raise argparse.ArgumentTypeError(f"{value!r}: give a .jsonl file (one record per line) or .json (an array)")
+    return value
 
 
 def record_line(record: dict) -> str:

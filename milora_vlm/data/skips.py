@@ -16,7 +16,8 @@ from typing import Optional
 # (cheap checks first, image decoding last); the training-only and converter-only reasons follow.
 REASONS: dict[str, str] = {
     # reading the file
-    "malformed_json": "the line (JSONL) cannot be read as JSON",
+    "malformed_json": "the line (JSONL) or element (JSON array) cannot be read as JSON, or holds what milora_vlm.jsontext "
+                      "refuses (nesting too deep, a duplicate key, a lone surrogate, a line over 64 MiB)",
     "not_an_object": "the record (or a converter's input entry) is not a JSON object",
     "not_utf8": "the record's text holds a byte that is not UTF-8",
     "malformed_record": "training: the record cannot be read (malformed JSON, not UTF-8 or not an object)",
@@ -32,7 +33,7 @@ REASONS: dict[str, str] = {
     "empty_question": "a human turn that is empty or whitespace",
     "empty_answer": "an assistant turn that is empty or whitespace",
     # the image field and its placeholders
-    "bad_image_field": "`image` is not one non-empty path string (multi-image lists are not supported)",
+    "bad_image_field": "`image` is not one non-empty path string (multi-image lists are not supported; no NUL character)",
     "image_without_vision_model": "training: a record with an image, for a model without a vision tower",
     "image_token_in_answer": "`<image>` inside an assistant turn",
     "image_placeholder_count": "an image and more than one `<image>` (which one is it?)",

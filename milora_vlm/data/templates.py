@@ -18,6 +18,7 @@ Alpaca / MetaMath prompt layout.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -231,7 +232,8 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
-    target_tokens_cut: int = 0  # answer tokens (EOS included) that truncation to max_length removed
+    target_tokens_cut: int = 0  # answer tokens (EOS included) that truncation to max_length removed (of the text
+    # tokenised: a conversation cut before tokenising, _cut_to_budget, counts only those)
 
 
 TOO_LONG_POLICIES = ("truncate", "drop")
@@ -266,6 +268,50 @@ def _target_flags(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[l
         for k in range(first, last):
             flags[k] = True
     return ids, flags
+
+
+_MAX_TOKEN_CHARS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Normalisers can shorten text before it is tokenised (NFC composes up to three characters into one): margin.
+NORMALISER_MARGIN = 4
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """An upper bound on how many characters of text one token of `tokenizer` covers: its longest vocabulary
+    entry (a byte-fallback entry like <0x0A> overstates, which is safe), times NORMALISER_MARGIN."""
+    try:
+        return _MAX_TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1) * NORMALISER_MARGIN
+    try:
+        _MAX_TOKEN_CHARS[tokenizer] = longest
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return longest
+
+
+def _cut_to_budget(chunks: list[tuple[str, list[tuple[int, int]]]], budget: int, too_long: str, max_length: int):
+    """The chunks cut to `budget` characters: text beyond it lies beyond max_length tokens whatever it holds, so
+    it is not tokenised (a multi-megabyte turn would otherwise take gigabytes in the tokenizer). Written by hand:
+    tokenizers truncate by tokens only after encoding the whole text."""
+    total = sum(len(text) for text, _ in chunks)
+    if total <= budget:
+        return chunks
+    if too_long == "drop":
+        raise SkipSample("too_long", f"{total} characters: more than max length {max_length} tokens with this "
+                                     "tokenizer")
+    kept, used = [], 0
+    for k, (text, spans) in enumerate(chunks):
+        if used + len(text) > budget:
+            if k + 1 < len(chunks):  # an <image> after the cut: its tokens would end beyond max_length
+                raise SkipSample("image_truncated", f"an image placeholder after character {budget} lies beyond "
+                                                    f"model_max_length {max_length} tokens")
+            keep = budget - used
+            kept.append((text[:keep], [(a, min(b, keep)) for a, b in spans if a < keep]))
+            return kept
+        kept.append((text, spans))
+        used += len(text)
+    return kept
 
 
 def encode_conversation(
@@ -308,6 +354,8 @@ def encode_conversation(
             if is_target and part:
                 spans.append((len(chunk_text), len(chunk_text) + len(part)))
             chunks[-1] = (chunk_text + part, spans)
+    if max_length is not None:
+        chunks = _cut_to_budget(chunks, (max_length + 1) * max_chars_per_token(tokenizer), too_long, max_length)
     ids: list[int] = []
     labels: list[int] = []
     if template.add_bos and tokenizer.bos_token_id is not None:
@@ -328,7 +376,7 @@ def encode_conversation(
             labels.extend(t if f else IGNORE_INDEX for t, f in zip(chunk_ids, flags))
     if max_length is not None and len(ids) > max_length:
         if too_long == "drop":
-            raise SkipSample("too_long", f"{len(ids)} tokens > model_max_length {max_length} (data.too_long: drop)")
+            raise SkipSample("too_long", f"{len(ids)} tokens > max length {max_length}")
         if image_ends and image_ends[-1] > max_length:
             raise SkipSample(
                 "image_truncated",

@@ -209,8 +209,6 @@ def check_record(
         length = None
         if tokenizer is not None:
             length = token_length(tokenizer, config, turns, has_image)
-            if length > config.max_length:
-                raise SkipSample("too_long", f"{length} tokens > max length {config.max_length}")
 
         # -- the image file itself (last: the only costly check)
         if has_image:
@@ -238,7 +236,8 @@ def _check_image(path: str, how: str, max_pixels: int | None) -> tuple[str, str]
 
 
 def token_length(tokenizer, config: CheckConfig, conversations: list[dict], has_image: bool) -> int:
-    """Sequence length exactly as training builds it (same template and encoder, <image> as N tokens)."""
+    """Sequence length exactly as training builds it (same template and encoder, <image> as N tokens); beyond
+    config.max_length, SkipSample too_long."""
     # Only the length is needed, so any id stands in for the image token when the tokenizer lacks one.
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     image_id = image_id if isinstance(image_id, int) and image_id >= 0 else 0
@@ -246,6 +245,7 @@ def token_length(tokenizer, config: CheckConfig, conversations: list[dict], has_
         tokenizer, config.template, conversations,
         image_token_id=image_id if has_image else None,
         num_image_tokens=config.image_tokens if has_image else 0,
+        max_length=config.max_length, too_long="drop",  # SkipSample too_long; a huge text is not tokenised at all
     )
     return len(enc.input_ids)
 

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from milora_vlm import jsontext
 from milora_vlm.data.images import image_token_count, load_image, process_images, resolve_image_path
 from milora_vlm.data.records import RecordWriter, write_records
 from milora_vlm.data.skips import SkipSample
@@ -140,9 +141,9 @@ def read_answers(path: str, model_id: str | None = None, repair: bool = True) ->
         if not raw.strip():
             continue
         try:
-            rec = json.loads(raw)
+            rec = jsontext.parse(raw.decode("utf-8-sig"))
             key = answer_key(rec["question_id"], rec["prompt"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise EvalInputError(f"{path}:{line_no}: not an answer record (question_id, prompt, text); "
                                  "the file is damaged or not an answers file") from None
         if model_id is not None and rec.get("model_id") != model_id:
@@ -165,6 +166,7 @@ class GenerationSettings:
     top_p: float | None = None
     batch_size: int = 8
     image_folder: str | None = None
+    allow_images_outside_folder: bool = False  # as training's data.allow_images_outside_folder
     image_aspect_ratio: str = "pad"
     answer_prefix: str = ""  # appended to the prompt, e.g. MetaMath's " Let's think step by step."
     extra_stop_strings: tuple[str, ...] = ()
@@ -279,13 +281,18 @@ def _load_question_image(path: str) -> Image.Image:
         raise SkipSample("image_too_large", f"{path}: {e}") from None
 
 
+def _image_path(q: Question, settings: GenerationSettings) -> str:
+    """The file question q's image names; one that resolves outside --image-folder is a SkipSample."""
+    return resolve_image_path(q.image, settings.image_folder, confine=not settings.allow_images_outside_folder)
+
+
 def _load_batch_images(batch: list[Question], settings: GenerationSettings, source: str, report: GenerationReport):
     """PIL images of the batch's questions; questions whose image cannot be decoded are dropped and reported."""
     images, kept = {}, []
     for q in batch:
         if q.image is not None:
             try:
-                images[q.key] = _load_question_image(resolve_image_path(q.image, settings.image_folder))
+                images[q.key] = _load_question_image(_image_path(q, settings))
             except SkipSample as e:
                 report.skipped.append(f"{source}:{q.line_no}: {e.reason}: {e.detail}")
                 continue
@@ -293,11 +300,20 @@ def _load_batch_images(batch: list[Question], settings: GenerationSettings, sour
     return kept, images
 
 
-def check_images_exist(questions: Sequence[Question], image_folder: str | None, source: str) -> None:
-    missing = [q for q in questions if q.image is not None
-               and not os.path.isfile(resolve_image_path(q.image, image_folder))]
+def check_images_exist(questions: Sequence[Question], settings: GenerationSettings, source: str) -> None:
+    """Stop before loading the model when image files are missing (a wrong --image-folder, most likely); paths
+    outside the folder are left to _load_batch_images, which skips and reports each."""
+    missing = []
+    for q in questions:
+        if q.image is not None:
+            try:
+                path = _image_path(q, settings)
+            except SkipSample:
+                continue
+            if not os.path.isfile(path):
+                missing.append((q, path))
     if missing:
-        examples = "; ".join(f"line {q.line_no}: {resolve_image_path(q.image, image_folder)}" for q in missing[:3])
+        examples = "; ".join(f"line {q.line_no}: {path}" for q, path in missing[:3])
         raise EvalInputError(f"{source}: {len(missing)} image files not found ({examples}); check --image-folder")
 
 
@@ -317,7 +333,7 @@ def generate_answers(
     done = read_answers(output, loaded.model_id)
     todo = [q for q in questions if q.key not in done]
     report.already_done = len(questions) - len(todo)
-    check_images_exist(todo, settings.image_folder, source)
+    check_images_exist(todo, settings, source)
     if settings.temperature > 0:
         torch.manual_seed(settings.seed)
     generator = AnswerGenerator(loaded, settings)

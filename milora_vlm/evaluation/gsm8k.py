@@ -11,6 +11,7 @@ also accepts `grader.math_equal(prediction, gold)`: within relative 1e-4 of gold
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from fractions import Fraction
@@ -37,6 +38,15 @@ def _is_number(s: str) -> bool:
 
 
 def extract_gsm8k_number(completion: str) -> int | None:
+    """The reference's number after "The answer is: "; None where the reference finds none, and also where it
+    would crash (a number too large for a float, more digits than int() converts): unparsable, not an abort."""
+    try:
+        return _extract(completion)
+    except (OverflowError, ValueError):
+        return None
+
+
+def _extract(completion: str) -> int | None:
     parts = completion.split(ANSWER_MARK)
     if len(parts) < 2:
         return None
@@ -60,7 +70,10 @@ def extract_gsm8k_number(completion: str) -> int | None:
 def gsm8k_gold(answer: str) -> float:
     """The number after "#### " (or the whole text when there is no "#### "), commas removed."""
     text = answer.split("#### ")[1] if "#### " in answer else answer
-    return float(text.strip().replace(",", ""))
+    value = float(text.strip().replace(",", ""))
+    if not math.isfinite(value):
+        raise ValueError(f"gold {text.strip()[:40]!r} is not a finite number")
+    return value
 
 
 def score_gsm8k(predictions: str, questions: str, allow_unknown: bool = False, protocol: str = "strict") -> Result:

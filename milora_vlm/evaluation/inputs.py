@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+from .. import jsontext
+
 
 class EvalInputError(ValueError):
     """An input that cannot be scored without guessing. The message names the file, line and field."""
@@ -44,26 +46,29 @@ def load_json_any(path: str | os.PathLike) -> Any:
     if not os.path.isfile(path):
         raise EvalInputError(f"{path}: no such file")
     with open(path, "rb") as f:
-        text = decode_utf8(f.read(), path)
+        data = f.read(jsontext.MAX_FILE_BYTES + 1)
+    if len(data) > jsontext.MAX_FILE_BYTES:
+        raise EvalInputError(f"{path}: larger than {jsontext.MAX_FILE_BYTES >> 20} MiB; not read")
+    text = decode_utf8(data, path)
     if not path.endswith(".jsonl"):
         try:
-            return json.loads(text)
+            return jsontext.parse(text)
         except json.JSONDecodeError as e:
             if text.lstrip().startswith("["):  # a JSON document, not JSONL: report its own error
-                raise EvalInputError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+                raise EvalInputError(f"{path}: malformed JSON: {jsontext.decode_error(e)}") from None
     records = JsonlRecords()
-    lines = text.splitlines()
+    lines = text.split("\n")  # not splitlines(): U+2028 and other separators may stand unescaped in JSON strings
     last = max((i for i, line in enumerate(lines, start=1) if line.strip()), default=0)
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append((line_no, json.loads(line)))
+            records.append((line_no, jsontext.parse(line.rstrip("\r"))))
         except json.JSONDecodeError as e:
             hint = " (the last line: was a generation run killed? eval/generate.py repairs it on resume)" if (
                 line_no == last
             ) else ""
-            raise EvalInputError(f"{path}:{line_no}: malformed JSON: {e.msg} at column {e.colno}{hint}") from None
+            raise EvalInputError(f"{path}:{line_no}: malformed JSON: {jsontext.decode_error(e, line=False)}{hint}") from None
     return records
 
 
@@ -171,6 +176,8 @@ def load_predictions(
             raise EvalInputError(f"{path}:{line_no}: duplicate prediction for {qid!r} (first at line {lines[qid]})")
         texts[qid] = text
         lines[qid] = line_no
+    if not texts:  # every question would score as missing: a wrong path or a generation that never ran
+        raise EvalInputError(f"{path}: no predictions in the file (is it the answers file the generation wrote?)")
     return Predictions(path, texts, lines, raw_generations=kinds == {"text"})
 
 

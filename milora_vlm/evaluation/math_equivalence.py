@@ -152,12 +152,17 @@ _FRAC_NUMBER = re.compile(r"([-+]?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 
 
 def to_number(s: str) -> float | None:
-    """A normalised answer that is a plain number ("1,000", "-2.5") or \\frac{a}{b} of integers, else None."""
-    if _PLAIN_NUMBER.fullmatch(s):
-        return float(s.replace(",", ""))
-    m = _FRAC_NUMBER.fullmatch(s)
-    if m and int(m.group(3)) != 0:
-        return (-1 if m.group(1) == "-" else 1) * int(m.group(2)) / int(m.group(3))
+    """A normalised answer that is a plain number ("1,000", "-2.5") or \\frac{a}{b} of integers, else None (also
+    when it is too large for a float: a model's runaway digits are not a crash)."""
+    try:
+        if _PLAIN_NUMBER.fullmatch(s):
+            value = float(s.replace(",", ""))
+            return value if math.isfinite(value) else None
+        m = _FRAC_NUMBER.fullmatch(s)
+        if m and int(m.group(3)) != 0:
+            return (-1 if m.group(1) == "-" else 1) * int(m.group(2)) / int(m.group(3))
+    except (OverflowError, ValueError):  # int / float overflow, or more digits than int() converts
+        return None
     return None
 
 

@@ -47,6 +47,9 @@ def score_scienceqa(
             raise EvalInputError(f"{split_file}: split {split!r} names problems not in {problems}, e.g. {unknown[:3]}")
     else:
         ids = [str(pid) for pid, p in data.items() if isinstance(p, dict) and p.get("split") == split]
+        if not ids:  # a misspelt --split: name the ones there are
+            present = sorted({str(p.get("split")) for p in data.values() if isinstance(p, dict)})
+            raise EvalInputError(f"{problems}: no problem has split {split!r}; its splits: {', '.join(present) or 'none'}")
     for pid in ids:
         p = data[pid]
         if not isinstance(p, dict) or not isinstance(p.get("choices"), list) or not isinstance(p.get("answer"), int):

@@ -145,10 +145,11 @@ def explain_miss(cache_dir, settings: dict) -> str:
         except Exception as exc:  # noqa: BLE001  a damaged neighbour says nothing about this miss
             logger.warning("MiLoRA cache: ignoring unreadable file %s (%s: %s)", entry, type(exc).__name__, exc)
             continue
-        if not isinstance(other, dict):
+        if not isinstance(other, dict) or not isinstance(other.get("weights"), dict):
+            logger.warning("MiLoRA cache: ignoring %s: its settings are not what this version writes", entry)
             continue
         diffs = [f"{k} {other.get(k)!r} -> {settings[k]!r}" for k in settings if k != "weights" and other.get(k) != settings[k]]
-        mine, theirs = settings["weights"], other.get("weights", {})
+        mine, theirs = settings["weights"], other["weights"]
         if set(mine) != set(theirs):
             diffs.append(f"targets differ ({len(set(mine) ^ set(theirs))} names not in both)")
         else:

@@ -115,8 +115,21 @@ def _selection(init: str, generator: Optional[torch.Generator]) -> Selection:
 
 
 def select_indices(k: int, r: int, init: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Indices (into singular values sorted descending, 0..k-1) of the r triplets that `init` selects, ascending."""
-    return _selection(init, generator)(k, r, generator)
+    """Indices (into singular values sorted descending, 0..k-1) of the r triplets that `init` selects, ascending.
+    A registered init that breaks that contract is an error naming it (not a shape error later, in PEFT)."""
+    idx = _selection(init, generator)(k, r, generator)
+    if not (isinstance(idx, torch.Tensor) and idx.dim() == 1 and not idx.is_floating_point() and not idx.is_complex()
+            and idx.dtype != torch.bool):
+        raise ValueError(f"init {init!r} must return a 1-D integer tensor of indices, got "
+                         f"{type(idx).__name__}{'' if not isinstance(idx, torch.Tensor) else f' {idx.dtype} {tuple(idx.shape)}'}")
+    idx = idx.to("cpu", torch.long)
+    if idx.numel() != r:
+        raise ValueError(f"init {init!r} returned {idx.numel()} indices for r = {r}")
+    if r and (int(idx.min()) < 0 or int(idx.max()) >= k):
+        raise ValueError(f"init {init!r} returned indices outside 0..{k - 1} (the matrix has {k} singular values)")
+    if r > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        raise ValueError(f"init {init!r} must return distinct indices in ascending order, got {idx.tolist()[:8]}...")
+    return idx
 
 
 def resolve_method(method: str, shape: tuple[int, int], device: torch.device) -> str:
@@ -190,13 +203,13 @@ def decompose(
     check_weight(weight, r)
     if not (isinstance(scaling, (int, float)) and scaling > 0 and scaling != float("inf")):
         raise ValueError(f"scaling={scaling!r} must be a positive finite number (LoRA's alpha / r)")
-    select = _selection(init, generator)
+    _selection(init, generator)  # an unknown init or a missing generator fails before the finiteness pass
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight contains NaN or inf; fix the checkpoint before decomposing it")
 
     out_f, in_f = weight.shape
     k = min(out_f, in_f)
-    idx = select(k, r, generator)
+    idx = select_indices(k, r, init, generator)
     route = resolve_method(method, (out_f, in_f), weight.device)
     if route == "gram":
         U, S, V, sigma_max = _gram_triplets(weight, idx)

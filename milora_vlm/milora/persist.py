@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from milora_vlm import dist as ranks
+from milora_vlm import jsontext
 
 from .apply import ADAPTER, record_subtract, subtract_residual
 from .combine import enable_weighted_combination
@@ -105,13 +107,41 @@ def _mark_refused(path: Path) -> None:
     os.replace(tmp, path)
 
 
+class AdapterFileError(ValueError):
+    """An adapter directory whose files cannot be used as they are; the message names the file and what is wrong."""
+
+
 def read_lora_config(adapter_dir: str | os.PathLike, meta: dict | None = None) -> LoraConfig:
     """The adapter's real LoraConfig (task_type restored from milora_config.json); what load_milora hands PEFT."""
     meta = read_milora_meta(adapter_dir) if meta is None else meta
-    d = json.loads((Path(adapter_dir) / PEFT_CONFIG_FILE).read_text())
+    path = Path(adapter_dir) / PEFT_CONFIG_FILE
+    try:
+        d = jsontext.read_object(path, "adapter config")
+    except jsontext.InputFileError as e:
+        raise AdapterFileError(str(e)) from None
     if d.get("task_type") == REFUSAL:
         d["task_type"] = meta.get("peft_task_type")
-    return LoraConfig.from_peft_type(**d)
+    r, alpha = d.get("r"), d.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterFileError(f"{path}: r = {r!r} is not a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise AdapterFileError(f"{path}: lora_alpha = {alpha!r} is not a positive number")
+    if r != meta["milora"].get("r"):
+        raise AdapterFileError(f"{path}: r = {r} but {META_FILE} says r = {meta['milora'].get('r')!r}: the files are "
+                               "from different adapters")
+    try:
+        return LoraConfig.from_peft_type(**d)
+    except (TypeError, ValueError) as e:  # an unknown key, or a value LoraConfig's own checks refuse
+        raise AdapterFileError(f"{path}: not a LoRA config PEFT accepts: {e}") from None
+
+
+def check_factor_shapes(path, name: str, A0: torch.Tensor, B0: torch.Tensor, A_shape, B_shape) -> None:
+    """A0 / B0 of target `name` must have lora_A's (r x in) and lora_B's (out x r) shapes, or the adapter's
+    function is not what was trained (a mismatch would otherwise fail deep in a GEMM, or broadcast)."""
+    if tuple(A0.shape) != tuple(A_shape) or tuple(B0.shape) != tuple(B_shape):
+        raise AdapterFileError(f"{path}: target {name!r}: A0 {tuple(A0.shape)} / B0 {tuple(B0.shape)} do not match "
+                               f"lora_A {tuple(A_shape)} / lora_B {tuple(B_shape)}: the files are from different "
+                               "adapters, or damaged")
 
 
 def load_adapter_weights(peft_model: PeftModel, adapter_dir: str | os.PathLike) -> None:
@@ -153,9 +183,17 @@ def read_milora_meta(adapter_dir: str | os.PathLike) -> dict:
             f"{path} not found: {adapter_dir} is not a MiLoRA adapter directory (save it with save_milora); a plain "
             "LoRA adapter loads with peft.PeftModel.from_pretrained"
         )
-    meta = json.loads(path.read_text())
+    try:
+        meta = jsontext.read_object(path, "MiLoRA config")
+    except jsontext.InputFileError as e:
+        raise AdapterFileError(str(e)) from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}")
+        raise AdapterFileError(f"{path}: format {str(meta.get('format'))[:80]!r}, this version reads {FORMAT!r}")
+    targets = meta.get("targets")
+    if not isinstance(meta.get("milora"), dict):
+        raise AdapterFileError(f"{path}: `milora` (the MiLoRAConfig fields) is missing or not an object")
+    if not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterFileError(f"{path}: `targets` is missing or not a list of module names")
     return meta
 
 
@@ -164,12 +202,15 @@ def read_init_factors(adapter_dir: str | os.PathLike, names: list[str]) -> Facto
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: the adapter's frozen initial factors B0/A0 are missing")
     factors = {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for name in names:
-            if f"{name}.A0" not in keys or f"{name}.B0" not in keys:
-                raise KeyError(f"{path} has no factors for target '{name}' (keys '{name}.A0' / '{name}.B0')")
-            factors[name] = (f.get_tensor(f"{name}.A0"), f.get_tensor(f"{name}.B0"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                if f"{name}.A0" not in keys or f"{name}.B0" not in keys:
+                    raise KeyError(f"{path} has no factors for target '{name}' (keys '{name}.A0' / '{name}.B0')")
+                factors[name] = (f.get_tensor(f"{name}.A0"), f.get_tensor(f"{name}.B0"))
+    except SafetensorError as e:  # a damaged file (header, offsets, size)
+        raise AdapterFileError(f"{path}: damaged or not a safetensors file ({e})") from None
     return factors
 
 
@@ -185,9 +226,15 @@ def load_milora(
     config = MiLoRAConfig.from_dict(meta["milora"])
     if residual is not None:
         config = dataclasses.replace(config, residual=residual)
-    peft_model = PeftModel.from_pretrained(
-        base_model, str(adapter_dir), config=read_lora_config(adapter_dir, meta), is_trainable=is_trainable
-    )
+    lora_config = read_lora_config(adapter_dir, meta)
+    try:
+        peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=lora_config,
+                                               is_trainable=is_trainable)
+    except SafetensorError as e:
+        raise AdapterFileError(f"{Path(adapter_dir) / 'adapter_model.safetensors'}: damaged or not a safetensors "
+                               f"file ({e})") from None
+    except RuntimeError as e:  # load_state_dict's size mismatches
+        raise AdapterFileError(f"{adapter_dir}: its adapter weights do not fit this base model ({e})") from None
     targets = find_targets(peft_model, ADAPTER)
     if config.init != "lora":
         names = [t.name for t in targets]
@@ -197,6 +244,10 @@ def load_milora(
                 f"on this base model ({len(names)}): is this the base model it was trained on?"
             )
         factors = read_init_factors(adapter_dir, names)
+        for t in targets:
+            A, B = t.layer.lora_A[ADAPTER].weight, t.layer.lora_B[ADAPTER].weight
+            check_factor_shapes(Path(adapter_dir) / INIT_FILE, t.name, *factors[t.name],
+                                getattr(A, "ds_shape", A.shape), getattr(B, "ds_shape", B.shape))  # ZeRO-3: full shape
         if config.residual == "offset":
             for t in targets:
                 A0, B0 = factors[t.name]

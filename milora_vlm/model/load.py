@@ -13,13 +13,13 @@ An adapter names its base in adapter_config.json (base_model_name_or_path, `adap
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
+from milora_vlm import jsontext
 from milora_vlm.data.templates import IMAGE_PLACEHOLDER
 
 MILORA, PEFT, LLAVA, CAUSAL_LM = "milora", "peft", "llava", "causal_lm"
@@ -33,8 +33,11 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
 
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """"milora", "peft", "llava" or "causal_lm" (see the module docstring)."""
+    from milora_vlm.config.checks import looks_like_hub_id
     from milora_vlm.milora.persist import META_FILE, PEFT_CONFIG_FILE
 
+    if not os.path.exists(path) and not looks_like_hub_id(os.fspath(path)):  # else transformers tries the hub
+        raise FileNotFoundError(f"{path}: no such directory (nor a hub name of the form owner/name)")
     if os.path.exists(os.path.join(path, META_FILE)):
         return MILORA
     if os.path.exists(os.path.join(path, PEFT_CONFIG_FILE)):
@@ -60,11 +63,10 @@ def adapter_base(adapter_dir: str | os.PathLike) -> str:
 
     path = os.path.join(adapter_dir, PEFT_CONFIG_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
-            base = json.load(f).get("base_model_name_or_path")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the base model from it ({e}); pass --base") from None
-    if not base:
+        base = jsontext.read_object(path, "adapter config").get("base_model_name_or_path")
+    except jsontext.InputFileError as e:
+        raise ValueError(f"cannot read the base model from it ({e}); pass --base") from None
+    if not base or not isinstance(base, str):
         raise ValueError(f"{path} names no base_model_name_or_path; pass --base (the checkpoint it was trained on)")
     return base
 
@@ -79,16 +81,12 @@ def has_tokenizer_files(path: str | os.PathLike) -> bool:
 
 def recipe_template(path: str | os.PathLike) -> str | None:
     """data.template of the milora_recipe.yaml saved next to the model, if there is one."""
-    import yaml
-
-    from milora_vlm.config import RECIPE_FILENAME
+    from milora_vlm.config import RECIPE_FILENAME, read_yaml
 
     recipe = os.path.join(path, RECIPE_FILENAME)
     if not os.path.isfile(recipe):
         return None
-
-    with open(recipe, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = read_yaml(recipe, "saved recipe") or {}
     template = (data.get("data") or {}).get("template") if isinstance(data, dict) else None
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{recipe}: data.template must be a template name, got {template!r}")

@@ -33,9 +33,9 @@ import re
 import shutil
 from typing import Callable, Optional
 
-import yaml
 
-from milora_vlm.config import RECIPE_FILENAME, RESUME_AUTO, ConfigError, Recipe
+from milora_vlm import jsontext
+from milora_vlm.config import RECIPE_FILENAME, RESUME_AUTO, ConfigError, Recipe, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -158,13 +158,33 @@ def read_manifest(path: str) -> dict:
     if not os.path.isfile(file):
         raise ValueError(f"no {MANIFEST} (the save did not finish, or an older version of this project wrote it)")
     try:
-        with open(file, encoding="utf-8") as f:
-            manifest = json.load(f)
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-            raise ValueError(f"format {manifest.get('format')!r}")
-        return manifest
-    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        manifest = jsontext.read_object(file, MANIFEST)
+    except jsontext.InputFileError as e:
         raise ValueError(f"{MANIFEST} is unreadable ({e})") from None
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ValueError(f"{MANIFEST} is unreadable ({problem})")
+    return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What in a parsed manifest is not what write_manifest writes (None when all is), so nothing later trips."""
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"format {str(manifest.get('format'))[:80]!r}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "`files` is not an object"
+    for name, entry in files.items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            return f"`files` entry {name[:200]!r} is not {{size, sha256}}"
+        if os.path.isabs(name) or ".." in name.split("/"):
+            return f"`files` entry {name[:200]!r} leaves the checkpoint directory"
+    if not isinstance(manifest.get("run", {}), dict):
+        return "`run` is not an object"
+    ranks = manifest.get("ranks", [])
+    if not (isinstance(ranks, list) and all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)):
+        return "`ranks` is not a list of integers"
+    return None
 
 
 def missing_parts(path: str, ranks: Optional[list[int]] = None, verify_hashes: bool = True) -> list[str]:
@@ -320,8 +340,8 @@ def run_signature(recipe: Recipe, world_size: int) -> dict:
     and compared on resume (check_resume_compatible)."""
     stage = None
     if recipe.deepspeed is not None:
-        with open(recipe.deepspeed, encoding="utf-8") as f:
-            stage = (json.load(f).get("zero_optimization") or {}).get("stage", 0)
+        # load_recipe has checked the file (its zero_optimization is a mapping)
+        stage = (jsontext.read_object(recipe.deepspeed, "DeepSpeed config").get("zero_optimization") or {}).get("stage", 0)
     return {"world_size": world_size, "deepspeed": recipe.deepspeed is not None, "zero_stage": stage,
             "save_only_model": bool(recipe.training.get("save_only_model", False))}
 
@@ -364,8 +384,9 @@ _MUST_MATCH = ("model", "adapter", "trainable")
 def check_resume_compatible(recipe: Recipe, checkpoint: str, run: Optional[dict] = None) -> None:
     """A resumed run must train the same thing: same model, adapter and trainable sections as the checkpoint, and
     (given this run's run_signature) a DeepSpeed setup that can read its optimizer state."""
-    with open(os.path.join(checkpoint, RECIPE_FILENAME), encoding="utf-8") as f:
-        saved = yaml.safe_load(f) or {}
+    saved = read_yaml(os.path.join(checkpoint, RECIPE_FILENAME), "checkpoint's recipe") or {}
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume from {checkpoint}: its {RECIPE_FILENAME} is not a mapping")
     now = recipe.to_dict()
     for section in _MUST_MATCH:
         if saved.get(section) != now[section]:

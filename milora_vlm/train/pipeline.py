@@ -17,6 +17,7 @@ import torch
 
 from milora_vlm.config import ConfigError, Recipe, describe_keys, load_recipe, parse_overrides, resolve_hardware
 from milora_vlm.data.dataset import NoTrainableRecords
+from milora_vlm.data.records import RecordFileError
 
 from . import distributed
 from .callbacks import REFERENCE_ENV, LossCurveCallback, ReferenceLogitsCallback, StartupTimes, StitchedScheduleNote
@@ -105,6 +106,17 @@ def model_dtype(recipe: Recipe, args) -> torch.dtype:
 
 def run(recipe: Recipe) -> str:
     """Train; returns the output directory (final adapter or model, recipe, logs, loss_curve.png)."""
+    try:
+        return _run(recipe)
+    finally:
+        # transformers keeps "ZeRO-3 is on" process-wide (a reference the Trainer holds); cleared here so that a
+        # model loaded later in the same process (compare_inits' evaluation) is not loaded partitioned.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
+def _run(recipe: Recipe) -> str:
     from milora_vlm.data.collator import ConversationCollator, packed_row_tokens
     from milora_vlm.data.dataset import ConversationDataset
     from milora_vlm.model.load import load_for_training
@@ -222,7 +234,7 @@ def run(recipe: Recipe) -> str:
         from milora_vlm.export import export_adapter
 
         out = os.path.join(recipe.output_dir, f"export-{recipe.export}")
-        export_adapter(recipe.output_dir, recipe.model.path, recipe.export, out)
+        export_adapter(recipe.output_dir, recipe.model.path, recipe.export, out, overwrite=True)  # this run's own
         logger.info("exported (%s) to %s", recipe.export, out)
     logger.info("done in %.1f s: %s", time.time() - t0, recipe.output_dir)
     return recipe.output_dir
@@ -243,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(recipe)
-    except ConfigError as e:  # checks that need the model (adapter targets, rank, ...)
-        print(f"train_vlm: error: {e}", file=sys.stderr)
+    except (ConfigError, RecordFileError) as e:  # checks that need the model (adapter targets, rank, ...), or a
+        print(f"train_vlm: error: {e}", file=sys.stderr)  # data file that cannot be read at all (UTF-16, a cut array)
         return 2
     except (TrainingStopped, NoTrainableRecords) as e:  # a guard (milora_vlm.train.guards) stopped the run
         print(f"train_vlm: stopped: {e}", file=sys.stderr)

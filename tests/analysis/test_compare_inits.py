@@ -100,3 +100,25 @@ def test_quick_study_runs_every_init_and_resumes(tmp_path, tiny_llava_dir):
     assert set(again) == set(results)
     assert again["minor"][0]["forgetting_ce"] == results["minor"][0]["forgetting_ce"]
     assert (out / "runs" / "minor-s3" / "result.json").stat().st_mtime == trained_at
+
+
+def test_forgetting_set_reads_its_images_from_the_question_files_folder(tmp_path, tiny_llava_dir):
+    """--image-folder names where the question files' images are; the recipe's data.image_folder may be another
+    place (the tiny recipes bootstrap theirs), so the held-out conversations must be read from --image-folder."""
+    from milora_vlm.config import build_recipe
+    from milora_vlm.model.load import load_for_inference
+
+    data = tiny_shapes_data(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    recipe = build_recipe({"model": {"kind": "llava", "path": str(tiny_llava_dir)},
+                           "data": {"train_file": str(data / "train_new.jsonl"), "image_folder": str(tmp_path / "elsewhere"),
+                                    "template": "vicuna_v1", "max_length": 160},
+                           "adapter": {"r": 4, "lora_alpha": 4}, "training": {"output_dir": str(tmp_path / "out")}})
+    from milora_vlm.cli import compare_inits as script
+
+    conversations = script.questions_as_conversations(str(data / "test_old.jsonl"), str(tmp_path / "conv.jsonl"))
+    loaded = load_for_inference(str(tiny_llava_dir), dtype="float32")
+    batches, skipped = script.forgetting_batches(conversations, recipe, loaded, 4, image_folder=str(data / "images"))
+    assert skipped == [] and sum(len(b["input_ids"]) for b in batches) == 9
+    with pytest.raises(SystemExit, match="missing_image"):  # the recipe's folder does not hold them
+        script.forgetting_batches(conversations, recipe, loaded, 4)

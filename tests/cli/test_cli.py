@@ -212,3 +212,30 @@ def test_benchmarks_refuse_an_unknown_dtype_by_name():
     proc = subprocess.run([sys.executable, "bench/step_ratio.py", "--count-only", "--model", "tiny_llava"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--count-only counts the llama_stack" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_build_llava_missing_local_paths_are_usage_errors(tmp_path, capsys):
+    """A mistyped local path is named at once (exit 2), not a hub lookup that ends in a connection error."""
+    from milora_vlm.cli.build_llava import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--language-model", "nope", "--vision-tower", "nope2", "--output", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "--language-model nope: no such file or directory" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, words", [(["--replay", "5"], "--replay must be a fraction in [0, 1], got 5.0"),
+                                          (["--replay", "nan"], "--replay must be a fraction"),
+                                          ([], "is a file; give a folder")],
+                         ids=["replay-5", "replay-nan", "output-file"])
+def test_prep_easyvqa_refuses_bad_arguments_before_converting(tmp_path, monkeypatch, capsys, extra, words):
+    import milora_vlm.cli.prep_easyvqa as prep
+
+    monkeypatch.setattr(prep, "convert", lambda *a, **k: pytest.fail("convert ran despite bad arguments"))
+    output = tmp_path / "out"
+    if not extra:
+        output.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as e:
+        prep.main(["--output", str(output), *extra])
+    assert e.value.code == 2 and words in capsys.readouterr().err

@@ -256,3 +256,138 @@ def test_unknown_registered_name_lists_the_registered_ones(files):
     raw["adapter"]["init"] = "pissa"
     with pytest.raises(ConfigError, match="adapter.init: unknown init 'pissa'; registered: minor, principal, middle"):
         build_recipe(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile recipe files: read_yaml / load_recipe fail fast with a ConfigError naming the problem
+
+
+def recipe_file(files: Path, raw: dict | None = None, replace: tuple[str, str] | None = None) -> Path:
+    """base_raw (or `raw`) written as YAML; `replace` swaps one piece of the text (to splice in raw YAML)."""
+    text = yaml.safe_dump(base_raw(files) if raw is None else raw)
+    if replace is not None:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = files / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """`[&a0 [lol], &a1 [*a0 x9], ..., &a9 [*a8 x9]]`: ~half a kilobyte that expands to 9**9 values."""
+    items = ["&a0 [lol]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("key", ["train_file", "target_modules"])
+def test_yaml_alias_bomb_fails_fast(files, key):
+    """A "billion laughs" recipe is refused from the node graph, before anything expands it."""
+    raw = base_raw(files)
+    section = "data" if key == "train_file" else "adapter"
+    raw[section][key] = "BOMB"
+    path = recipe_file(files, raw, (f"{key}: BOMB", f"{key}: {alias_bomb()}"))
+    with pytest.raises(ConfigError, match="anchors and aliases expand"):
+        load_recipe(path)
+
+
+def test_yaml_alias_cycle_is_refused(files):
+    """`&x [*x]` is a self-containing value (PyYAML builds it); it must not loop or recurse forever."""
+    raw = base_raw(files)
+    raw["adapter"]["target_modules"] = "CYCLE"
+    path = recipe_file(files, raw, ("target_modules: CYCLE", "target_modules: &x [*x]"))
+    with pytest.raises(ConfigError, match="cycle"):
+        load_recipe(path)
+
+
+def test_modest_anchors_and_aliases_still_load(files):
+    """Reusing a value with an alias is legitimate YAML and keeps working."""
+    raw = base_raw(files)
+    raw["adapter"].update(r="RANK", lora_alpha="ALPHA")
+    path = recipe_file(files, raw, ("lora_alpha: ALPHA", "lora_alpha: &rank 16"))  # safe_dump sorts: alpha first
+    path.write_text(path.read_text().replace("r: RANK", "r: *rank"))
+    r = load_recipe(path)
+    assert (r.adapter.r, r.adapter.lora_alpha) == (16, 16)
+
+
+@pytest.mark.parametrize("text", ["- model\n- data\n", "42\n", "just a string\n"])
+def test_recipe_that_is_not_a_mapping(files, text):
+    path = files / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_recipe(path)
+
+
+def test_recipe_with_a_complex_key(files):
+    """`? [a, b]` makes a list key; PyYAML would crash hashing it, the loader names the line instead."""
+    path = recipe_file(files)
+    path.write_text(path.read_text() + "? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match="plain name"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("encode", [lambda t: t.encode("utf-16"),
+                                    lambda t: t.replace("vicuna_v1", "vicuna_v1\xff").encode("latin-1")],
+                         ids=["utf16", "latin1-byte"])
+def test_recipe_not_utf8(files, encode):
+    path = recipe_file(files)
+    path.write_bytes(encode(path.read_text()))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_recipe(path)
+
+
+def test_recipe_over_one_mib(files):
+    path = recipe_file(files)
+    path.write_text(path.read_text() + "#" + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="larger than 1 MiB"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("section, key, value", [("training", "learning_rate", float("nan")),
+                                                 ("training", "learning_rate", float("inf")),
+                                                 ("adapter", "lora_alpha", float("inf"))])
+def test_non_finite_numbers_are_refused(files, section, key, value):
+    """`.nan` / `.inf` in YAML would only fail mid-run (or silently train nothing)."""
+    raw = base_raw(files)
+    raw[section][key] = value
+    path = recipe_file(files, raw)
+    assert ".nan" in path.read_text() or ".inf" in path.read_text()
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}.*finite"):
+        load_recipe(path)
+
+
+def test_max_steps_zero_is_refused(files):
+    """transformers would still run one step and save that adapter."""
+    path = recipe_file(files)
+    with pytest.raises(ConfigError, match=r"training\.max_steps: 0"):
+        load_recipe(path, [("max_steps", "0")])
+    raw = base_raw(files)
+    raw["training"]["max_steps"] = 0
+    with pytest.raises(ConfigError, match=r"training\.max_steps: 0"):
+        load_recipe(recipe_file(files, raw))
+
+
+@pytest.mark.parametrize("ds, key", [({"fp16": True, "zero_optimization": {"stage": 2}}, "`fp16`"),
+                                     ({"zero_optimization": {"stage": 2, "offload_optimizer": "cpu"}},
+                                      "`zero_optimization.offload_optimizer`")])
+def test_deepspeed_section_that_is_not_an_object(files, ds, key):
+    (files / "ds.json").write_text(json.dumps(ds))
+    raw = base_raw(files)
+    raw["deepspeed"] = str(files / "ds.json")
+    msg = error_of(raw)
+    assert key in msg and "must be a JSON object" in msg, msg
+
+
+def test_deepspeed_json_nested_too_deep(files):
+    """100000 nested arrays: a ConfigError, not a RecursionError."""
+    (files / "ds.json").write_text("[" * 100_000 + "]" * 100_000)
+    raw = base_raw(files)
+    raw["deepspeed"] = str(files / "ds.json")
+    assert "nested too deeply" in error_of(raw)
+
+
+def test_deepspeed_json_duplicate_key(files):
+    (files / "ds.json").write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 3}}')
+    raw = base_raw(files)
+    raw["deepspeed"] = str(files / "ds.json")
+    msg = error_of(raw)
+    assert "duplicate key" in msg and "zero_optimization" in msg, msg

@@ -299,3 +299,41 @@ def test_hub_name_goes_through_datasets(tmp_path, monkeypatch):
 def test_unknown_input_is_an_error(tmp_path, capsys):
     assert commonsense.main(["--input", str(tmp_path / "missing.json"), "--output", str(tmp_path / "o.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# -- mistakes that used to pass quietly or crash (2026-11-30 audit) --------------------------------------------------
+
+def test_unhashable_question_ids_are_counted_not_a_crash(tmp_path):
+    q, a = vqav2_files(tmp_path)
+    doc = json.loads(Path(q).read_text())
+    doc["questions"][0]["question_id"] = [42000]  # a list: cannot index the annotations by it
+    bad_anns = json.loads(Path(a).read_text())
+    bad_anns["annotations"].append({"question_id": {"x": 1}, "answers": []})
+    out = tmp_path / "o.jsonl"
+    assert vqa.main(["--format", "vqav2", "--questions", write_json(tmp_path / "q2.json", doc),
+                     "--annotations", write_json(tmp_path / "a2.json", bad_anns), "--output", str(out)]) == 0
+    records, report = read_output(out)
+    assert by_reason(report)["bad_question_id"] == ("[42000]", 1, None) and [r["id"] for r in records] == ["42001", "7000"]
+
+
+def test_scienceqa_split_that_no_problem_has_is_an_error_naming_the_splits(tmp_path, capsys):
+    args = ["--format", "scienceqa", "--questions", write_json(tmp_path / "problems.json", SQA)]
+    assert vqa.main([*args, "--split", "training", "--output", str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "no problem has split 'training'; its splits: " in err and "train (" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_output_must_be_named_json_or_jsonl(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        commonsense.main(["--input", str(tmp_path / "in.json"), "--output", str(tmp_path / "o.txt")])
+    assert info.value.code == 2 and ".jsonl file" in capsys.readouterr().err
+
+
+def test_missing_local_file_with_a_slash_is_not_sent_to_the_hub(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("went to the hub"))
+    monkeypatch.chdir(tmp_path)
+    assert commonsense.main(["--input", "data/cs.json", "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert "data/cs.json: no such file" in capsys.readouterr().err

@@ -433,3 +433,115 @@ def test_one_process_deepspeed_builds_no_shm_op_and_leaves_no_shm_buffer(tmp_pat
     for f in left:  # this test's own leftovers (named by its port)
         os.unlink(f)
     assert not left
+
+
+# ---- hostile JSON text, paths and lengths (2026-11-30 audit) ---------------------------------------------------------
+
+GOOD = {"id": "ok", "conversations": conv("q", "a")}
+
+
+def test_hostile_jsonl_lines_cost_their_record_only(tmp_path, monkeypatch, tiny_tokenizer):
+    from milora_vlm import jsontext
+
+    monkeypatch.setattr(jsontext, "MAX_LINE_BYTES", 300_000)  # the over-long line's bound, small for the test
+    lines = [b'{"id": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+             b'{"id": "surrogate", "conversations": [{"from": "human", "value": "\\ud800"}]}',
+             b'{"id": "dup", "id": "dup2", "conversations": []}',
+             b'{"id": "long", "pad": "' + b"x" * 400_000 + b'"}',
+             b'{"id": "cut", "conversations": [']
+    path = write_jsonl(tmp_path / "d.jsonl", [GOOD], raw=b"\n".join(lines) + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    got = [(pos, err) for pos, _, err in iter_records(path)]
+    assert [pos for pos, err in got if err is None] == [1, 7]
+    errors = dict((pos, err) for pos, err in got if err is not None)
+    assert errors[2].startswith("malformed JSON: nested too deeply")
+    assert "lone surrogate" in errors[3] and "duplicate key 'id'" in errors[4]
+    assert errors[5] == "malformed JSON: a line longer than 300,000 bytes"  # (64 MiB by default)
+    assert errors[6] == "malformed JSON: Expecting value at column 33"  # the cut line's own column, not line 2's
+    ds = ConversationDataset(path, tiny_tokenizer, "vicuna_v1", 256)  # training counts the same five
+    assert len(ds) == 2 and [s.where.rsplit(" ", 1)[1] for s in ds.load_skips] == ["2", "3", "4", "5", "6"]
+
+
+def test_hostile_json_array_elements(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"id": "ok"}, {"id": "dup", "id": "x"}, {"v": "\\udfff"}, {"id": "ok2"}]')
+    assert [(i, err) for i, _, err in iter_records(path)] == [
+        (1, None), (2, "malformed JSON: duplicate key 'id' in an object"),
+        (3, "malformed JSON: a \\u escape of a lone surrogate (not a character; not valid UTF-8)"), (4, None)]
+    path.write_text('[{"id": "ok"}, ' + "[" * 100_000 + "]" * 100_000 + "]")
+    from milora_vlm.data.records import RecordFileError
+
+    with pytest.raises(RecordFileError, match="a.json: malformed JSON \\(nested too deeply\\) at line 1"):
+        list(iter_records(path))
+
+
+def test_utf16_file_is_one_clear_error(tmp_path):
+    from milora_vlm.data.records import RecordFileError
+
+    for name in ("d.jsonl", "d.json"):
+        (tmp_path / name).write_bytes(json.dumps(GOOD).encode("utf-16"))
+        with pytest.raises(RecordFileError, match=f"{name}: the file is UTF-16 .*re-save it as UTF-8"):
+            list(iter_records(tmp_path / name))
+
+
+def test_nul_in_an_image_path_is_a_bad_image_field(tmp_path, processor):
+    from milora_vlm.data.images import resolve_image_path
+
+    with pytest.raises(SkipSample) as info:
+        resolve_image_path("ok.png\x00x", str(tmp_path), confine=True)
+    assert info.value.reason == "bad_image_field" and "NUL" in info.value.detail
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "nul", "image": "ok.png\x00x", "conversations": conv("<image>\nq", "a")},
+                                              GOOD])
+    assert [(s.record_id, s.reason) for s in dataset(path, processor, tmp_path)[0]["skipped"]] == [("nul", "bad_image_field")]
+    assert llava_instruct.main(["--input", path, "--output", str(tmp_path / "o.jsonl"), "--image-folder", str(tmp_path),
+                                "--workers", "0"]) == 0
+    report = json.loads((tmp_path / "o.report.json").read_text())
+    assert report["dropped_by_reason"] == {"bad_image_field": 1} and report["records_kept"] == 1
+
+
+def test_a_huge_turn_is_cut_before_the_tokenizer_sees_it(tiny_tokenizer, monkeypatch):
+    from milora_vlm.data import templates
+
+    seen = []
+    real = templates._target_flags
+    monkeypatch.setattr(templates, "_target_flags", lambda tok, text, spans: seen.append(len(text)) or real(tok, text, spans))
+    huge = conv("What is this?", "red green blue " * 300_000)  # 4.5 M characters
+    enc = templates.encode_conversation(tiny_tokenizer, "vicuna_v1", huge, max_length=128)
+    budget = 129 * templates.max_chars_per_token(tiny_tokenizer)
+    assert len(enc.input_ids) == 128 and max(seen) <= budget < 100_000
+    # what is kept is what tokenising everything and truncating keeps
+    short = conv("What is this?", "red green blue " * 300)
+    full = templates.encode_conversation(tiny_tokenizer, "vicuna_v1", short)
+    assert len(full.input_ids) > 128 and enc.input_ids == full.input_ids[:128] and enc.labels == full.labels[:128]
+    with pytest.raises(SkipSample, match="characters: more than max length 128") as info:
+        templates.encode_conversation(tiny_tokenizer, "vicuna_v1", huge, max_length=128, too_long="drop")
+    assert info.value.reason == "too_long"
+    with pytest.raises(SkipSample) as info:  # an image placeholder past the cut can never fit
+        templates.encode_conversation(tiny_tokenizer, "vicuna_v1", conv("x " * 100_000 + "<image>\nq", "a"),
+                                      image_token_id=5, num_image_tokens=4, max_length=128)
+    assert info.value.reason == "image_truncated"
+
+
+def test_sixteen_bit_and_float_grey_images_keep_their_contrast(tmp_path):
+    import numpy as np
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")  # opens as I;16
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "f.tiff")  # opens as F, values in [0, 1]
+    for name in ("g16.png", "f.tiff"):
+        got = np.asarray(load_image(str(tmp_path / name)), dtype=np.float64)[..., 0]
+        assert abs(got.mean() - 127.5) < 1 and got.min() == 0 and got.max() == 255, name  # not clipped to white / black
+    Image.linear_gradient("L").save(tmp_path / "l.png")  # 8-bit: PIL's own conversion, untouched
+    assert np.array_equal(np.asarray(load_image(str(tmp_path / "l.png"))),
+                          np.asarray(Image.open(tmp_path / "l.png").convert("RGB")))
+
+
+def test_unreadable_training_file_stops_with_exit_2_naming_it(tmp_path, tiny_causal_lm_dir, capsys):
+    from milora_vlm.train.pipeline import main
+
+    data = tmp_path / "utf16.jsonl"
+    data.write_bytes(json.dumps(GOOD).encode("utf-16"))
+    code = main(["--config", "configs/tiny/causal_lm_alpaca_milora.yaml", "--deepspeed", "null", "--model.path",
+                 str(tiny_causal_lm_dir), "--data.train_file", str(data), "--output_dir", str(tmp_path / "out"),
+                 "--max_steps", "2", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"train_vlm: error: {data}: the file is UTF-16" in err, err[-2000:]

@@ -399,3 +399,39 @@ def test_torchrun_ranks_split_and_merge(tiny_causal_lm_dir, tmp_path):
     assert sorted(r["question_id"] for r in _lines(out)) == [0, 1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path)) == ["answers.jsonl", "q.jsonl"]  # the per-rank files are gone
     assert "rank 1: wrote 2 answers" in proc.stderr and "rank 0: wrote 3 answers" in proc.stderr
+
+
+def test_image_paths_outside_the_image_folder_are_skipped_unless_allowed(tiny_llava_dir, vqa_files, tmp_path):
+    from milora_vlm.evaluation.generation import generate_answers
+
+    root, _ = vqa_files
+    (tmp_path / "images").mkdir()
+    for name in ("red.png", "blue.png"):
+        (tmp_path / "images" / name).write_bytes((root / "images" / name).read_bytes())
+    (tmp_path / "secret.png").write_bytes((root / "images" / "green.png").read_bytes())
+    (tmp_path / "images" / "link.png").symlink_to(tmp_path / "secret.png")
+    names = ["red.png", "../secret.png", str(tmp_path / "secret.png"), "link.png", "blue.png"]
+    qfile = _jsonl(tmp_path / "q.jsonl", [{"question_id": i, "image": n, "text": "Color?"} for i, n in enumerate(names)])
+    loaded = load_for_inference(str(tiny_llava_dir))
+    report = generate_answers(loaded, read_questions(qfile), str(tmp_path / "a.jsonl"), _settings(tmp_path, batch_size=8),
+                              source=qfile, show_progress=False)
+    assert [r["question_id"] for r in _lines(tmp_path / "a.jsonl")] == [0, 4]
+    assert [s.split(": ")[0:2] for s in report.skipped] == [[f"{qfile}:{n}", "image_outside_folder"] for n in (2, 3, 4)]
+    report = generate_answers(loaded, read_questions(qfile), str(tmp_path / "b.jsonl"),
+                              _settings(tmp_path, batch_size=8, allow_images_outside_folder=True), source=qfile,
+                              show_progress=False)
+    assert report.skipped == [] and len(_lines(tmp_path / "b.jsonl")) == 5
+
+
+def test_hostile_answer_and_question_lines_are_errors_naming_the_line(tmp_path):
+    from milora_vlm.evaluation.generation import read_answers
+
+    answers = tmp_path / "a.jsonl"
+    answers.write_text('{"question_id": 0, "prompt": "p", "text": "t"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(EvalInputError, match=r"a\.jsonl:2: not an answer record"):
+        read_answers(str(answers))
+    questions = _jsonl(tmp_path / "q.jsonl", [{"question_id": 0, "text": "?"}])
+    with open(questions, "a", encoding="utf-8") as f:
+        f.write('{"question_id": 1, "text": "\\ud800"}\n')  # a lone surrogate: cannot be tokenised or written back
+    with pytest.raises(EvalInputError, match=r"q\.jsonl:2: malformed JSON: a \\u escape of a lone surrogate"):
+        read_questions(questions)

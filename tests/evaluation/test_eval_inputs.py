@@ -39,7 +39,7 @@ def test_cut_off_last_line_hints_at_a_killed_run(tmp_path):
 def test_malformed_json_document_is_named(tmp_path):
     path = tmp_path / "p.json"
     path.write_text('[{"question_id": 0, "answer": "red"},\n {"question_id": 1 "answer": "x"}]')
-    with pytest.raises(EvalInputError, match=r"p\.json: malformed JSON at line 2"):
+    with pytest.raises(EvalInputError, match=r"p\.json: malformed JSON: .* at line 2 column"):
         load_predictions(str(path))
 
 
@@ -141,3 +141,57 @@ def test_score_cli_runs_as_a_script(tmp_path, questions):
                            "--predictions", preds, "--questions", questions], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["score"] == 100.0
+
+
+# ---- hostile prediction and gold files (2026-11-30 audit) ------------------------------------------------------------
+
+def test_hostile_prediction_lines_are_errors_naming_the_line(tmp_path):
+    cases = {"deep": "[" * 100_000 + "]" * 100_000, "dup": '{"question_id": 0, "question_id": 1, "text": "red"}',
+             "surrogate": '{"question_id": 0, "text": "\\udc80"}'}
+    messages = {"deep": "nested too deeply", "dup": "duplicate key 'question_id'", "surrogate": "lone surrogate"}
+    for name, line in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text('{"question_id": 5, "text": "red"}\n' + line + "\n")
+        with pytest.raises(EvalInputError, match=f"{name}\\.jsonl:2: malformed JSON: .*{messages[name]}"):
+            load_predictions(str(path))
+
+
+def test_unescaped_line_separator_inside_an_answer_is_not_a_line_break(tmp_path):
+    path = tmp_path / "a.jsonl"  # json.dumps(ensure_ascii=False) writes U+2028 / U+0085 as they are
+    path.write_text(json.dumps({"question_id": 0, "text": "red\u2028green\x85"}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    assert load_predictions(str(path)).texts == {"0": "red\u2028green\x85"}
+
+
+def test_empty_prediction_file_is_an_error_not_a_zero_score(tmp_path, questions):
+    empty = tmp_path / "a.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(EvalInputError, match=r"a\.jsonl: no predictions in the file"):
+        score_exact(str(empty), questions)
+
+
+def test_runaway_numbers_are_unparsable_not_a_crash(tmp_path):
+    from milora_vlm.evaluation.gsm8k import extract_gsm8k_number, score_gsm8k
+    from milora_vlm.evaluation.math_equivalence import to_number
+
+    mark = "The answer is: "
+    for text in (mark + "1" * 400 + "/3", mark + "1/" + "1" * 5000, mark + "9" * 5000, mark + "1" * 400 + "/0"):
+        assert extract_gsm8k_number(text) is None
+    assert extract_gsm8k_number(mark + "3/4") == 1 and extract_gsm8k_number(mark + "1,234") == 1234  # (the reference's)
+    for text in ("1" * 400, "\\frac{" + "1" * 400 + "}{3}", "\\frac{1}{" + "1" * 5000 + "}", "1" * 5000):
+        assert to_number(text) is None
+    assert to_number("\\frac{3}{4}") == 0.75
+    gold = _jsonl(tmp_path / "g.jsonl", [{"question_id": 0, "answer": "#### nan"}])
+    preds = _jsonl(tmp_path / "p.jsonl", [{"question_id": 0, "text": "The answer is: 1"}])
+    with pytest.raises(EvalInputError, match=r"g\.jsonl:1: field 'answer'"):
+        score_gsm8k(preds, gold)
+
+
+def test_scienceqa_split_that_no_problem_has_names_the_splits(tmp_path):
+    from milora_vlm.evaluation.scienceqa import score_scienceqa
+
+    problems = tmp_path / "problems.json"
+    problems.write_text(json.dumps({"1": {"split": "test", "choices": ["a", "b"], "answer": 0}}))
+    preds = _jsonl(tmp_path / "p.jsonl", [{"question_id": "1", "text": "A"}])
+    with pytest.raises(EvalInputError, match="no problem has split 'tset'; its splits: test"):
+        score_scienceqa(preds, str(problems), split="tset")

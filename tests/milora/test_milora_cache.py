@@ -155,12 +155,15 @@ def test_damaged_entry_is_ignored_and_recomputed(tiny_causal_lm_dir, tmp_path, c
 def test_damaged_neighbour_files_are_skipped(tiny_causal_lm_dir, tmp_path, caplog):
     (tmp_path / "milora-garbage.safetensors").write_bytes(b"\xff" * 100)
     (tmp_path / "milora-empty.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file  # readable, but its settings are not what this version writes
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "milora-odd.safetensors"), metadata={"milora_cache": '{"weights": [1]}'})
     apply_milora(fresh(tiny_causal_lm_dir), MiLoRAConfig(r=4, lora_alpha=8, cache_dir=str(tmp_path)))
     caplog.set_level(logging.INFO, logger="milora_vlm")
     report = apply_milora(fresh(tiny_causal_lm_dir), MiLoRAConfig(r=2, lora_alpha=8, cache_dir=str(tmp_path))).milora_init_report
     assert report.cache.startswith("miss: 1 entries") and "r 4 -> 2" in report.cache
     warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert "milora-garbage.safetensors" in warned and "milora-empty.safetensors" in warned
+    assert "milora-garbage.safetensors" in warned and "milora-empty.safetensors" in warned and "milora-odd" in warned
 
 
 def test_unwritable_cache_is_a_warning(tiny_causal_lm_dir, tmp_path, caplog):

@@ -174,3 +174,48 @@ def test_init_health_flags_zero_singular_values_and_passes_healthy_ones():
         expected = S[-8:] if init == "minor" else S[:8]
         assert figures["selected_min"] == pytest.approx(float(expected.min()), rel=1e-4)
         assert figures["selected_max"] == pytest.approx(float(expected.max()), rel=1e-4)
+
+
+@pytest.fixture
+def scratch_inits(monkeypatch):
+    """Inits registered by a test vanish after it."""
+    from milora_vlm.milora import INITS
+
+    monkeypatch.setattr(INITS, "_entries", dict(INITS._entries))
+
+
+@pytest.mark.parametrize(
+    "select, match",
+    [
+        (lambda k, r, g: torch.arange(k - r + 1, k), r"returned 3 indices for r = 4"),
+        (lambda k, r, g: torch.tensor([0, 1, 1, 2]), "distinct indices in ascending order"),
+        (lambda k, r, g: torch.arange(k - r + 1, k + 1), r"outside 0\.\.5"),
+        (lambda k, r, g: torch.tensor([-1, 0, 1, 2]), r"outside 0\.\.5"),
+        (lambda k, r, g: torch.arange(k - 1, k - r - 1, -1), "distinct indices in ascending order"),
+        (lambda k, r, g: torch.arange(k - r, k).float(), "1-D integer tensor"),
+        (lambda k, r, g: list(range(k - r, k)), "1-D integer tensor"),
+        (lambda k, r, g: torch.tensor([True, True, False, True]), "1-D integer tensor"),  # would index as 0 / 1
+    ],
+    ids=["r-1", "duplicate", "past-k", "negative", "descending", "float", "list", "bool"],
+)
+def test_registered_init_breaking_the_index_contract_is_named(scratch_inits, select, match):
+    """A custom init's bad indices fail in select_indices naming the init, not later as a PEFT shape error."""
+    from milora_vlm.milora import register_init
+
+    register_init("test_broken_init", "returns bad indices")(select)
+    with pytest.raises(ValueError, match=rf"init 'test_broken_init'.*{match}"):
+        select_indices(6, 4, "test_broken_init")
+    with pytest.raises(ValueError, match="init 'test_broken_init'"):
+        minor_factors(torch.randn(8, 6), 4, init="test_broken_init")
+
+
+def test_well_behaved_custom_init_still_decomposes(scratch_inits):
+    from milora_vlm.milora import register_init
+
+    register_init("test_even_init", "every other triplet")(lambda k, r, g: torch.arange(0, 2 * r, 2, dtype=torch.int32))
+    idx = select_indices(10, 4, "test_even_init")
+    assert idx.tolist() == [0, 2, 4, 6] and idx.dtype == torch.long
+    W = torch.randn(12, 10, generator=torch.Generator().manual_seed(0))
+    A, B = minor_factors(W, 4, init="test_even_init", method="svd")
+    U, S, Vh = torch.linalg.svd(W)
+    torch.testing.assert_close(B @ A, (U[:, idx] * S[idx]) @ Vh[idx], rtol=0, atol=1e-5)

@@ -82,3 +82,64 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", torch.device("cpu")) is torch.float32
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         resolve_dtype("int8")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test (a mistyped local path must not become a hub lookup)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("path", ["nope", "./x/y/z", "a/b/c"])
+def test_missing_local_path_is_not_looked_up_on_the_hub(no_network, tmp_path, monkeypatch, path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        checkpoint_kind(path)
+
+
+def test_adapter_naming_a_missing_base_fails_with_no_such_directory(no_network, milora_dir, tmp_path):
+    from milora_vlm.model.load import load_for_inference
+
+    path, _ = milora_dir
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "moved_away")
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileNotFoundError, match="moved_away: no such directory"):
+        load_for_inference(str(path))
+    with pytest.raises(FileNotFoundError, match="nope: no such directory"):
+        load_for_inference(str(path), base="nope")
+
+
+@pytest.fixture
+def question_file(tmp_path):
+    q = tmp_path / "questions.jsonl"
+    q.write_text('{"question_id": 1, "text": "What color is the shape?"}\n'
+                 '{"question_id": 2, "text": "What shape is in the image?"}\n')
+    return q
+
+
+def test_generate_cli_missing_model_is_exit_2(no_network, question_file, tmp_path, monkeypatch, capsys):
+    """A mistyped --model is one "error:" line and exit status 2, not a traceback."""
+    from milora_vlm.cli.generate import main
+
+    monkeypatch.chdir(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    rc = main(["--model", "nope", "--question-file", str(question_file), "--answers-file", str(answers),
+               "--template", "vicuna_v1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: nope" in err and "Traceback" not in err
+    assert not answers.exists()
+
+
+def test_generate_cli_chunk_index_out_of_range_is_exit_2(question_file, tmp_path, capsys):
+    from milora_vlm.cli.generate import main
+
+    rc = main(["--model", "nope", "--question-file", str(question_file), "--answers-file", str(tmp_path / "a.jsonl"),
+               "--num-chunks", "2", "--chunk-idx", "2", "--no-progress"])
+    assert rc == 2 and "error: chunk index 2 is not in [0, 2)" in capsys.readouterr().err

@@ -234,6 +234,14 @@ def test_damaged_or_planted_files_are_refused_and_auto_says_why(tmp_path, caplog
     assert missing_parts(str(ckpts[10]), verify_hashes=False) == []  # sizes alone cannot see it
     assert missing_parts(str(ckpts[8])) == ["global_step4/payload.pt is not in the manifest (not written by the save)"]
     assert "milora_manifest.json is unreadable" in missing_parts(str(ckpts[6]))[0]
+    good = json.loads((ckpts[10] / MANIFEST).read_text())
+    for damage, says in [({"files": {"config.json": 5}}, "not {size, sha256}"), ({"ranks": "0"}, "`ranks`"),
+                         ({"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}, "leaves the checkpoint"),
+                         ({"run": []}, "`run`")]:
+        (ckpts[6] / MANIFEST).write_text(json.dumps({**good, **damage}))  # parses, but not what the save writes
+        assert says in missing_parts(str(ckpts[6]))[0]
+    (ckpts[6] / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in missing_parts(str(ckpts[6]))[0]
     assert "no milora_manifest.json" in missing_parts(str(ckpts[4]))[0]
     with caplog.at_level("WARNING", logger="milora_vlm.train.checkpoint"):
         assert latest_complete_checkpoint(str(out)) == str(ckpts[2])
@@ -549,3 +557,23 @@ def test_impossible_zero_settings_fail_before_loading_anything(tmp_path, ds, wor
     with pytest.raises(ConfigError, match=words):
         load_recipe(REPO / ZERO2, [("model.path", str(tmp_path / "m")), ("data.train_file", str(tmp_path / "t.jsonl")),
                                    ("output_dir", str(tmp_path / "o")), ("deepspeed", str(path))])
+
+
+def test_a_run_in_this_process_leaves_zero3_off_for_what_loads_next(monkeypatch):
+    """compare_inits trains in-process and then loads models to evaluate: transformers' process-wide "ZeRO-3 is on"
+    (HfDeepSpeedConfig) must not outlive the run, or those models load partitioned (empty weights)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from milora_vlm.train import pipeline
+
+    def zero3_run(recipe):
+        holder.append(HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1}))  # as the Trainer
+        assert is_deepspeed_zero3_enabled()
+        raise RuntimeError("the run failed")
+
+    holder = []
+    monkeypatch.setattr(pipeline, "_run", zero3_run)
+    with pytest.raises(RuntimeError, match="the run failed"):
+        pipeline.run(None)
+    assert holder and not is_deepspeed_zero3_enabled()  # cleared though the config object is still referenced
