@@ -182,3 +182,16 @@ def test_a_failed_overwrite_keeps_the_earlier_export(adapter, tmp_path):
     with pytest.raises(ValueError, match="choose one of"):  # the Python API checks `to` before touching anything
         export_adapter(adapter, None, "gguf", out, overwrite=True)
     assert {p.name for p in out.iterdir()} == set(before)
+
+
+def test_adapter_weights_of_another_shape_are_refused_naming_the_adapter(adapter, tiny_causal_lm_dir):
+    """lora_A saved for a wider input than this base has: load_milora names the adapter, not a bare RuntimeError."""
+    from milora_vlm.milora import load_milora
+
+    weights = adapter / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    key = next(k for k in state if k.endswith("lora_A.weight"))
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 3)
+    save_file(state, str(weights))
+    with pytest.raises(AdapterFileError, match=f"{adapter}: its adapter weights do not fit this base model"):
+        load_milora(load_model("llama", tiny_causal_lm_dir), adapter)

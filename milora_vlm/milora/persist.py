@@ -233,7 +233,9 @@ def load_milora(
     except SafetensorError as e:
         raise AdapterFileError(f"{Path(adapter_dir) / 'adapter_model.safetensors'}: damaged or not a safetensors "
                                f"file ({e})") from None
-    except RuntimeError as e:  # load_state_dict's size mismatches
+    except RuntimeError as e:  # load_state_dict's size mismatches (not any RuntimeError: out of memory is one too)
+        if "size mismatch" not in str(e):
+            raise
         raise AdapterFileError(f"{adapter_dir}: its adapter weights do not fit this base model ({e})") from None
     targets = find_targets(peft_model, ADAPTER)
     if config.init != "lora":
