@@ -24,6 +24,7 @@ from .milora.persist import (
     INIT_FILE,
     AdapterFileError,
     check_factor_shapes,
+    damaged_file,
     load_milora,
     read_init_factors,
     read_lora_config,
@@ -73,7 +74,7 @@ def export_lora(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike) -
     try:
         state = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
     except SafetensorError as e:
-        raise AdapterFileError(f"{adapter_dir / ADAPTER_WEIGHTS}: damaged or not a safetensors file ({e})") from None
+        raise damaged_file(adapter_dir / ADAPTER_WEIGHTS, e) from None
     except FileNotFoundError:
         raise AdapterFileError(f"{adapter_dir}: no {ADAPTER_WEIGHTS} (PEFT's adapter weights)") from None
     output_dir.mkdir(parents=True, exist_ok=True)

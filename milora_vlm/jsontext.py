@@ -20,6 +20,8 @@ MAX_FILE_BYTES = 2 << 30  # a whole JSON document read at once (eval gold files,
 
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # fast pre-check: pairs are legal, lone ones not
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+WHITESPACE = json.decoder.WHITESPACE  # what JSON allows between tokens (the standard library's own pattern)
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # a file starting so is UTF-16: every byte check below would fail on it
 
 
 class InputFileError(ValueError):
@@ -56,17 +58,11 @@ def raw_decode(text: str, idx: int = 0) -> tuple[Any, int]:
 
 def parse(text: str) -> Any:
     """`json.loads(text)` for a str, with the hostile cases as `json.JSONDecodeError` (see the module)."""
-    obj, end = raw_decode(text, _skip_space(text, 0))
-    end = _skip_space(text, end)
+    obj, end = raw_decode(text, WHITESPACE.match(text).end())
+    end = WHITESPACE.match(text, end).end()
     if end != len(text):
         raise json.JSONDecodeError("Extra data", text, end)
     return obj
-
-
-def _skip_space(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\n\r":
-        i += 1
-    return i
 
 
 def _check_surrogates(obj: Any, text: str, start: int, end: int) -> None:
@@ -113,7 +109,7 @@ def read_utf8(path: str | os.PathLike, what: str, max_bytes: int = MAX_FILE_BYTE
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        hint = " (it looks like UTF-16: re-save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        hint = " (it looks like UTF-16: re-save it as UTF-8)" if data[:2] in UTF16_BOMS else ""
         raise InputFileError(f"{path}: the {what} is not UTF-8: byte 0x{data[e.start]:02x} on line {line}{hint}") from None
 
 

@@ -36,7 +36,7 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
     if not os.path.exists(path):
         raise RecordFileError(f"{path}: no such file")
     with open(path, "rb") as f:
-        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # every line would be dropped as not UTF-8: say why, once
+        if f.read(2) in jsontext.UTF16_BOMS:  # every line would be dropped as not UTF-8: say why, once
             raise RecordFileError(f"{path}: the file is UTF-16 (byte-order mark); re-save it as UTF-8")
     if path.endswith(".jsonl"):
         # Lines are decoded one by one, so a stray non-UTF-8 byte costs its record, not the file.
@@ -74,7 +74,6 @@ def iter_records(path: str | os.PathLike) -> Iterator[tuple[int, dict | None, st
                 yield idx, rec, None
 
 
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a non-UTF-8 byte
 _PLAIN = json.JSONDecoder()  # only to find where a refused element ends
 
@@ -108,7 +107,7 @@ class _JsonArrayStream:
     def _peek(self) -> str:
         """The next non-whitespace character ("" at end of file), without consuming it."""
         while True:
-            self.i = _WHITESPACE.match(self.buf, self.i).end()
+            self.i = jsontext.WHITESPACE.match(self.buf, self.i).end()
             if self.i < len(self.buf):
                 return self.buf[self.i]
             if not self._more():

@@ -111,6 +111,11 @@ class AdapterFileError(ValueError):
     """An adapter directory whose files cannot be used as they are; the message names the file and what is wrong."""
 
 
+def damaged_file(path, error: Exception) -> AdapterFileError:
+    """The error for a safetensors file of an adapter that safetensors cannot read (header, offsets, size)."""
+    return AdapterFileError(f"{path}: damaged or not a safetensors file ({error})")
+
+
 def read_lora_config(adapter_dir: str | os.PathLike, meta: dict | None = None) -> LoraConfig:
     """The adapter's real LoraConfig (task_type restored from milora_config.json); what load_milora hands PEFT."""
     meta = read_milora_meta(adapter_dir) if meta is None else meta
@@ -210,7 +215,7 @@ def read_init_factors(adapter_dir: str | os.PathLike, names: list[str]) -> Facto
                     raise KeyError(f"{path} has no factors for target '{name}' (keys '{name}.A0' / '{name}.B0')")
                 factors[name] = (f.get_tensor(f"{name}.A0"), f.get_tensor(f"{name}.B0"))
     except SafetensorError as e:  # a damaged file (header, offsets, size)
-        raise AdapterFileError(f"{path}: damaged or not a safetensors file ({e})") from None
+        raise damaged_file(path, e) from None
     return factors
 
 
@@ -231,8 +236,7 @@ def load_milora(
         peft_model = PeftModel.from_pretrained(base_model, str(adapter_dir), config=lora_config,
                                                is_trainable=is_trainable)
     except SafetensorError as e:
-        raise AdapterFileError(f"{Path(adapter_dir) / 'adapter_model.safetensors'}: damaged or not a safetensors "
-                               f"file ({e})") from None
+        raise damaged_file(Path(adapter_dir) / "adapter_model.safetensors", e) from None
     except RuntimeError as e:  # load_state_dict's size mismatches (not any RuntimeError: out of memory is one too)
         if "size mismatch" not in str(e):
             raise
