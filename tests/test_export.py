@@ -195,3 +195,27 @@ def test_adapter_weights_of_another_shape_are_refused_naming_the_adapter(adapter
     save_file(state, str(weights))
     with pytest.raises(AdapterFileError, match=f"{adapter}: its adapter weights do not fit this base model"):
         load_milora(load_model("llama", tiny_causal_lm_dir), adapter)
+
+
+def test_lora_alpha_that_is_not_a_positive_number(adapter, tmp_path):
+    for alpha in (0, -8, "8", None):
+        edit_json(adapter / "adapter_config.json", lambda d: d.update(lora_alpha=alpha))
+        with pytest.raises(AdapterFileError, match=f"lora_alpha = {alpha!r} is not a positive number"):
+            export_adapter(adapter, None, "lora", tmp_path / "out")
+
+
+def test_adapter_weights_of_a_rank_other_than_the_configs(adapter, tmp_path):
+    """A and A0 agree with each other (rank 2) but not with r = 4 in both configs: the export would write r = 8."""
+    weights, init = adapter / "adapter_model.safetensors", adapter / INIT_FILE
+    for path in (weights, init):
+        cut = {k: (v[:2] if k.endswith(("lora_A.weight", ".A0")) else v[:, :2] if k.endswith(("lora_B.weight", ".B0"))
+                   else v).contiguous() for k, v in load_file(str(path)).items()}
+        save_file(cut, str(path))
+    with pytest.raises(AdapterFileError, match=r"lora_A has 2 rows, the config says r = 4"):
+        export_adapter(adapter, None, "lora", tmp_path / "out")
+
+
+def test_missing_adapter_weights_are_named(adapter, tmp_path):
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterFileError, match=f"{adapter}: no adapter_model.safetensors"):
+        export_adapter(adapter, None, "lora", tmp_path / "out")

@@ -376,3 +376,17 @@ def test_cli_on_milora_peft_and_full_checkpoints(tmp_path, tiny_causal_lm_dir):
     assert by_layer[0].sim_left_bottom == pytest.approx(1.0, abs=1e-4) and by_layer[1].delta_norm == 0.0
     with pytest.raises(SystemExit, match="^error: .*neither"):
         cli.main(["--base", str(tiny_causal_lm_dir), "--output", str(out), "--adapter", str(tmp_path)])
+
+
+def test_cli_names_an_adapter_whose_modules_the_base_lacks(tmp_path, tiny_causal_lm_dir):
+    """An adapter trained on another model (its target modules are not in --base): one line naming both, not PEFT's
+    bare NoMatchingPeftModuleError."""
+    from milora_vlm.model.load import load_base
+
+    peft_model = get_peft_model(load_base(tiny_causal_lm_dir, torch.float32), LoraConfig(r=2, target_modules=["k_proj"]))
+    peft_model.save_pretrained(tmp_path / "lora")
+    config = tmp_path / "lora" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"k_proj"', '"wk"'))  # as a GPT-NeoX-style model would name it
+    cli = load_script("scripts/analyze_subspace.py", "analyze_subspace")
+    with pytest.raises(SystemExit, match=rf"^error: .*lora: its adapter's modules are not in --base {tiny_causal_lm_dir}"):
+        cli.main(["--base", str(tiny_causal_lm_dir), "--output", str(tmp_path / "out"), "--adapter", str(tmp_path / "lora")])
