@@ -498,25 +498,31 @@ def test_nul_in_an_image_path_is_a_bad_image_field(tmp_path, processor):
     assert report["dropped_by_reason"] == {"bad_image_field": 1} and report["records_kept"] == 1
 
 
-def test_a_huge_turn_is_cut_before_the_tokenizer_sees_it(tiny_tokenizer, monkeypatch):
+@pytest.fixture(params=["byte-level BPE", "sentencepiece"])
+def any_tokenizer(request, tiny_tokenizer, llama_sp_tokenizer):
+    """The tiny byte-level BPE, and a Llama-type sentencepiece tokenizer (its own fixture: legacy true and false)."""
+    return tiny_tokenizer if request.param == "byte-level BPE" else llama_sp_tokenizer
+
+
+def test_a_huge_turn_is_cut_before_the_tokenizer_sees_it(any_tokenizer, monkeypatch):
     from milora_vlm.data import templates
 
     seen = []
     real = templates._target_flags
     monkeypatch.setattr(templates, "_target_flags", lambda tok, text, spans: seen.append(len(text)) or real(tok, text, spans))
     huge = conv("What is this?", "red green blue " * 300_000)  # 4.5 M characters
-    enc = templates.encode_conversation(tiny_tokenizer, "vicuna_v1", huge, max_length=128)
-    budget = 129 * templates.max_chars_per_token(tiny_tokenizer)
+    enc = templates.encode_conversation(any_tokenizer, "vicuna_v1", huge, max_length=128)
+    budget = 129 * templates.max_chars_per_token(any_tokenizer)
     assert len(enc.input_ids) == 128 and max(seen) <= budget < 100_000
     # what is kept is what tokenising everything and truncating keeps
     short = conv("What is this?", "red green blue " * 300)
-    full = templates.encode_conversation(tiny_tokenizer, "vicuna_v1", short)
+    full = templates.encode_conversation(any_tokenizer, "vicuna_v1", short)
     assert len(full.input_ids) > 128 and enc.input_ids == full.input_ids[:128] and enc.labels == full.labels[:128]
     with pytest.raises(SkipSample, match="characters: more than max length 128") as info:
-        templates.encode_conversation(tiny_tokenizer, "vicuna_v1", huge, max_length=128, too_long="drop")
+        templates.encode_conversation(any_tokenizer, "vicuna_v1", huge, max_length=128, too_long="drop")
     assert info.value.reason == "too_long"
     with pytest.raises(SkipSample) as info:  # an image placeholder past the cut can never fit
-        templates.encode_conversation(tiny_tokenizer, "vicuna_v1", conv("x " * 100_000 + "<image>\nq", "a"),
+        templates.encode_conversation(any_tokenizer, "vicuna_v1", conv("x " * 100_000 + "<image>\nq", "a"),
                                       image_token_id=5, num_image_tokens=4, max_length=128)
     assert info.value.reason == "image_truncated"
 
