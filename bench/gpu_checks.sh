@@ -6,7 +6,8 @@
 # 1. bench/step_ratio.py at LLaMA-7B layer shapes (hidden 4096, intermediate 11008, 2 layers, r 64, bf16, 2 x 2048
 #    tokens): MiLoRA offset / subtract against plain LoRA, lora_dropout 0.05 and 0, wall time, device synchronised.
 # 2. The same shapes at r 128 (the paper's and LLaVA-1.5's visual rank, where the offset form's extra arithmetic is
-#    largest: 4.0% of a LoRA step at LLaMA-2-7B's shapes, counted), offset only, lora_dropout 0.05 (LLaVA's).
+#    largest: 4.0% of a LoRA step at LLaMA-2-7B's shapes, counted), offset with either offset_backward,
+#    lora_dropout 0.05 (LLaVA's).
 # 3. bench/step_ratio.py on the CPU table's stack (hidden 1024), bf16: the same shapes as BENCHMARKS.md's CPU rows.
 # 4. bench/packing.py: padded / grouped / packed useful tokens per second, bf16, a 4-layer hidden-2048 model.
 #
@@ -53,6 +54,6 @@ run() {  # NAME ARGS...: stdout (JSON lines) to OUT/NAME.jsonl, stderr to OUT/NA
 }
 run step_ratio_7b_layers bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${BIG[@]}"
 run step_ratio_7b_layers_r128 bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${BIG[@]}" "${RANK128[@]}" \
-  --variants offset --dropout 0.05
+  --variants offset offset_residual_copy --dropout 0.05
 run step_ratio_stack bench/step_ratio.py --device "$DEVICE" --dtype bf16 "${STACK[@]}"
 run packing bench/packing.py --device "$DEVICE" --dtype bf16 "${PACK[@]}"

@@ -39,6 +39,10 @@ than LoRA's r-wide ones on a CPU, BENCHMARKS.md, seventh run).
     python bench/step_ratio.py --count-only --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000 --seq 2048
                                                     # FLOPs only, on the meta device: LLaMA-2-7B in a few seconds
 
+offset_residual_copy is the offset form with offset_backward 'residual_copy': x's gradient through a kept copy of
+W_res = W - s B0 A0 instead of W and the frozen factors, so only the frozen path's forward half is left
+(`offset_residual_copy_flop_ratio`), for one more copy of every adapted weight in memory.
+
 The tiny recipe's model: `--model tiny_llava` (milora_vlm.model.tiny, the recipe's LLaVA with its targets).
 On a GPU (`--device cuda`, bf16 by default there) every timing synchronises the device and only wall time is
 reported (a process's CPU time says nothing about GPU work); bench/gpu_checks.sh runs it at 7B layer shapes.
@@ -66,7 +70,9 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # lora_control is a second, identical plain LoRA: its ratio to lora is the measurement's own noise floor.
 # offset_unfused computes the offset form through the LoRA modules and autograd (offset.unfused_offset, the
 # implementation before the fused _OffsetAdapter and still the ZeRO-3 path), for the before / after comparison.
+# offset_residual_copy: the offset form with offset_backward 'residual_copy' (x's gradient through a kept copy of W_res).
 VARIANTS = {"lora": {"init": "lora"}, "lora_control": {"init": "lora"}, "offset": {"init": "minor", "residual": "offset"},
+            "offset_residual_copy": {"init": "minor", "residual": "offset", "offset_backward": "residual_copy"},
             "offset_unfused": {"init": "minor", "residual": "offset"}, "subtract": {"init": "minor", "residual": "subtract"}}
 
 
@@ -168,20 +174,20 @@ def count_flops(base, targets, r: int, dropout: float, inputs) -> dict:
     """LoRA's and the offset form's counted FLOPs, without an SVD: --count-only runs it on a meta-device model (any
     size in a second), measure() on the real one when the offset form is not among the timed variants.
 
-    The offset layers get A0, B0 = their current A, B (install_offset's default) instead of SVD factors, which a
-    meta tensor has no values for; what a step computes does not depend on those values. Subtract is not counted:
+    The offset layers get A0, B0 = their current A, B (install_offset's default) instead of SVD factors, and W
+    itself as the residual copy, which a meta tensor has no values for; what a step computes does not depend on
+    those values. Subtract is not counted:
     it dispatches LoRA's ops one for one (tests/milora/test_step_cost.py).
     """
     flops = {}
-    for name in ("lora", "offset"):
+    for name in ("lora", "offset", "offset_residual_copy"):
         cfg = MiLoRAConfig(r=r, lora_alpha=r, target_modules=targets, lora_dropout=dropout, init="lora")
         model = apply_milora(copy.deepcopy(base), cfg).train()
-        if name == "offset":
-            for t in find_targets(model):
-                install_offset(t.layer, "default")
+        for t in find_targets(model) if name != "lora" else ():
+            install_offset(t.layer, "default", W_res=t.weight.detach() if name == "offset_residual_copy" else None)
         flops[name] = counted_flops(model, inputs)
     return {"lora_dropout": dropout, "flops": flops, "frozen_path_flops": flops["offset"] - flops["lora"],
-            "offset_flop_ratio": round(flops["offset"] / flops["lora"], 5)}
+            **{f"{name}_flop_ratio": round(flops[name] / flops["lora"], 5) for name in ("offset", "offset_residual_copy")}}
 
 
 def median_ci(values: list[float], resamples: int = 2000) -> list[float]:

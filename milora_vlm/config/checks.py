@@ -78,7 +78,11 @@ def _check_paths(r: Recipe) -> None:
             ds = jsontext.read_file(r.deepspeed, "DeepSpeed config")
         except jsontext.InputFileError as e:
             raise ConfigError(f"deepspeed: {e}") from None
-        _check_zero(r.deepspeed, ds)
+        stage = _check_zero(r.deepspeed, ds)
+        if stage == 3 and r.adapter is not None and r.adapter.offset_backward == "residual_copy":
+            raise ConfigError(f"adapter.offset_backward: 'residual_copy' keeps a whole copy of each adapted weight, "
+                              f"which ZeRO-3 ({r.deepspeed}) partitions; use 'factors' (the default) under ZeRO-3, "
+                              "or a ZeRO-2 config")
     resume = r.training.get("resume_from_checkpoint")
     if resume not in (None, RESUME_AUTO) and not os.path.isdir(resume):
         raise ConfigError(
@@ -97,8 +101,8 @@ def _section(path: str, parent: dict, key: str, where: str = "") -> dict:
     return value
 
 
-def _check_zero(path: str, ds: Any) -> None:
-    """ZeRO settings DeepSpeed would refuse (or silently ignore) only after the model is loaded."""
+def _check_zero(path: str, ds: Any) -> int:
+    """ZeRO settings DeepSpeed would refuse (or silently ignore) only after the model is loaded; returns the stage."""
     if not isinstance(ds, dict):
         raise ConfigError(f"deepspeed: {path}: expected a JSON object with a `zero_optimization` mapping")
     zero = _section(path, ds, "zero_optimization")
@@ -114,6 +118,7 @@ def _check_zero(path: str, ds: Any) -> None:
         raise ConfigError(f"deepspeed: {path}: offload_optimizer needs zero_optimization.stage 1, 2 or 3")
     if _section(path, ds, "fp16").get("enabled") is True and _section(path, ds, "bf16").get("enabled") is True:
         raise ConfigError(f"deepspeed: {path}: fp16 and bf16 are both enabled; choose one (or 'auto')")
+    return stage
 
 
 # ----------------------------------------------------------------------------------------------------------------

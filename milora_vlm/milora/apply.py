@@ -7,6 +7,7 @@ from collections import defaultdict
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.other import transpose
 from torch import nn
 
 from .combine import enable_weighted_combination
@@ -70,13 +71,12 @@ def _apply(model: nn.Module, config: MiLoRAConfig) -> PeftModel:
 
     report = InitReport(total=len(targets))
     if config.init != "lora":
-        preflight(targets, config.r)
+        preflight(targets, config)
         if config.residual == "subtract":
             refuse_tied(peft_model, targets)
         factors, report = compute_initial_factors(targets, config)
-        set_initial_values(targets, factors, config)
-        if config.residual == "subtract":
-            record_subtract(peft_model, factors)
+        set_initial_values(targets, factors)
+        install_residual(peft_model, targets, factors, config)
     enable_weighted_combination(peft_model)
     peft_model.milora_config = config
     peft_model.milora_init_report = report
@@ -138,9 +138,11 @@ def _refusal(what: str):
     return refuse
 
 
-def preflight(targets: list[Target], r: int) -> None:
+def preflight(targets: list[Target], config: MiLoRAConfig) -> None:
     """Shape and dtype checks from metadata alone (ZeRO-3 shards included), identical on every rank, before any
     rank starts gathering or decomposing."""
+    r = config.r
+    refuse_partitioned_copy(targets, config)
     for t in targets:
         if is_partitioned(t.layer.lora_A[ADAPTER].weight):
             raise RuntimeError(
@@ -158,20 +160,53 @@ def preflight(targets: list[Target], r: int) -> None:
 
 
 @torch.no_grad()
-def set_initial_values(targets: list[Target], factors: Factors, config: MiLoRAConfig) -> None:
-    """A, B <- A0, B0 and the chosen residual form on every target."""
+def set_initial_values(targets: list[Target], factors: Factors) -> None:
+    """A, B <- A0, B0 on every target."""
     for t in targets:
         A0, B0 = factors[t.name]
-        layer = t.layer
-        layer.lora_A[ADAPTER].weight.copy_(A0)
-        layer.lora_B[ADAPTER].weight.copy_(B0)
+        t.layer.lora_A[ADAPTER].weight.copy_(A0)
+        t.layer.lora_B[ADAPTER].weight.copy_(B0)
+
+
+@torch.no_grad()
+def install_residual(
+    peft_model: PeftModel, targets: list[Target], factors: Factors, config: MiLoRAConfig, trainable: bool = True
+) -> None:
+    """The chosen residual form on every target, from its factors (apply_milora, load_milora).
+
+    offset: B0 / A0 frozen on the layer, plus the W_res copy for offset_backward 'residual_copy' when the model
+    will train (an inference model never runs a backward, so it does not pay the copy's memory);
+    subtract: W_res written into the base weight, B0 / A0 kept for merge and get_delta_weight.
+    """
     if config.residual == "offset":
+        keep_copy = trainable and config.offset_backward == "residual_copy"
+        if keep_copy:
+            refuse_partitioned_copy(targets, config)
         for t in targets:
-            install_offset(t.layer, ADAPTER)
+            A0, B0 = factors[t.name]
+            W_res = None
+            if keep_copy:  # the same W_res, bit for bit, as residual 'subtract' writes into the weight
+                W_res = transpose(_low_rank_sum(t, t.weight.data, A0, B0, -config.scaling), t.layer.fan_in_fan_out)
+            install_offset(t.layer, ADAPTER, A0, B0, W_res)
+        if keep_copy:
+            size = sum(t.weight.numel() * t.weight.element_size() for t in targets)
+            logger.info("offset_backward residual_copy: W_res copies of the %d adapted weights kept for the backward "
+                        "(%.1f MiB)", len(targets), size / 2**20)
     else:
         subtract_residual(targets, factors, config.scaling)
-        for t in targets:  # B0 / A0 kept on the layer for merge and get_delta_weight
+        for t in targets:
             install_subtract(t.layer, ADAPTER, *factors[t.name])
+        record_subtract(peft_model, factors)
+
+
+def refuse_partitioned_copy(targets: list[Target], config: MiLoRAConfig) -> None:
+    if config.residual == "offset" and config.offset_backward == "residual_copy" and any(
+        is_partitioned(t.weight) for t in targets
+    ):
+        raise ValueError(
+            "offset_backward 'residual_copy' keeps a whole copy of each adapted weight, and these weights are "
+            "ZeRO-3 partitioned: use offset_backward 'factors' under ZeRO-3"
+        )
 
 
 @torch.no_grad()
@@ -194,10 +229,15 @@ def subtract_residual(targets: list[Target], factors: Factors, scaling: float, s
 
 
 def _add_low_rank(t: Target, param: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, coef: float) -> None:
-    device = resolve_device("auto", param.data)
-    dtype = torch.promote_types(param.dtype, torch.float32)  # fp32 for 16-bit weights, fp64 weights stay fp64
+    param.data.copy_(_low_rank_sum(t, param.data, A0, B0, coef))
+
+
+def _low_rank_sum(t: Target, weight: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor, coef: float) -> torch.Tensor:
+    """weight + coef B0 A0 in the weight's dtype, device and layout, computed in fp32 (fp64 for fp64 weights) and
+    cast once."""
+    device = resolve_device("auto", weight)
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32 for 16-bit weights, fp64 weights stay fp64
     delta = coef * (B0.to(device, dtype) @ A0.to(device, dtype))
     if t.layer.fan_in_fan_out:
         delta = delta.T
-    new = (param.data.to(device, dtype) + delta).to(param.dtype)
-    param.data.copy_(new.to(param.device))
+    return (weight.to(device, dtype) + delta).to(weight.dtype).to(weight.device)

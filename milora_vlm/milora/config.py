@@ -11,6 +11,7 @@ from typing import Optional, Union
 from .decompose import INITS, METHODS
 
 RESIDUALS = ("offset", "subtract")
+OFFSET_BACKWARDS = ("factors", "residual_copy")
 
 
 @dataclass
@@ -39,6 +40,13 @@ class MiLoRAConfig:
         "help": "offset: W untouched, the layer computes W x + s (B A - B0 A0) x with B0, A0 frozen (bit-exact at "
                 "step 0 in any dtype); subtract: the paper's W_res = W - s B0 A0 written into the base weight",
         "choices": RESIDUALS})
+    offset_backward: str = field(default="factors", metadata={
+        "help": "residual offset only, how x's gradient is taken. factors: through W and the frozen B0, A0 (no "
+                "memory beyond LoRA's; the frozen path's backward GEMMs cost 2 N r (in + out) FLOPs per matrix); "
+                "residual_copy: through a copy of W_res = W - s B0 A0 kept for the backward (LoRA's backward "
+                "arithmetic, for one more copy of every adapted weight; not under ZeRO-3). Same forward, same "
+                "step-0 output either way",
+        "choices": OFFSET_BACKWARDS})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={
         "help": "modules trained in full and saved with the adapter (e.g. ['multi_modal_projector'])"})
     seed: int = field(default=0, metadata={
@@ -81,6 +89,16 @@ class MiLoRAConfig:
         if self.residual not in RESIDUALS:
             raise ValueError(
                 f"MiLoRAConfig.residual={self.residual!r}: choose 'offset' (exact, default) or 'subtract' (the paper's W_res)"
+            )
+        if self.offset_backward not in OFFSET_BACKWARDS:
+            raise ValueError(
+                f"MiLoRAConfig.offset_backward={self.offset_backward!r}: choose 'factors' (default) or 'residual_copy' "
+                "(faster backward, one more copy of each adapted weight)"
+            )
+        if self.offset_backward != "factors" and self.residual != "offset":
+            raise ValueError(
+                f"MiLoRAConfig.offset_backward={self.offset_backward!r} applies to residual 'offset'; residual "
+                f"{self.residual!r} already has LoRA's backward: remove offset_backward"
             )
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):

@@ -11,7 +11,8 @@ W_res = W - s B0 A0, without rounding W_res into the base dtype.
 
 PEFT has no hook for a frozen offset (its PiSSA/MiLoRA-style inits rewrite W), hence this small variant; its
 training-time product is a hand-written autograd Function (_OffsetAdapter) so that both paths cost two GEMMs
-each way instead of four.
+each way instead of four. With offset_backward 'residual_copy' the layer also keeps W_res = W - s B0 A0 (a buffer,
+never saved) and takes x's gradient through it, as the paper's form does, so the frozen path has no backward.
 
 The "subtract" residual (the paper's W_res in the base weight) computes PEFT's vanilla LoRA forward; its variant
 only supplies merge / unmerge. In both forms get_delta_weight (MiLoRALinear) is s (B A - B0 A0), the change of
@@ -38,12 +39,14 @@ FROZEN_ATTR = "milora_frozen"
 
 
 class _FrozenFactors(nn.Module):
-    """B0 (out x r) and A0 (r x in) of one adapter: buffers, so never trained nor seen by the optimizer."""
+    """B0 (out x r) and A0 (r x in) of one adapter: buffers, so never trained nor seen by the optimizer. W_res
+    (out x in, or None) is the copy of W - s B0 A0 that offset_backward 'residual_copy' takes x's gradient through."""
 
-    def __init__(self, A0: torch.Tensor, B0: torch.Tensor):
+    def __init__(self, A0: torch.Tensor, B0: torch.Tensor, W_res: torch.Tensor | None = None):
         super().__init__()
         self.register_buffer("A0", A0, persistent=False)
         self.register_buffer("B0", B0, persistent=False)
+        self.register_buffer("W_res", W_res, persistent=False)
 
 
 def frozen_factors(layer: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,12 +75,18 @@ class _OffsetAdapter(torch.autograd.Function):
     The second GEMM accumulates onto result (addmm), saving the separate pass over the N x out output that
     `result + ...` costs (about 2% of a tiny-recipe step; BENCHMARKS.md, step ratio).
     The gradients are written out (autograd would keep the intermediates of both forms): the paper's
-    dA = s B^T g x_lora^T, dB = s g (A x_lora)^T, and dx = s (B A - B0 A0)^T g (split by path with dropout).
-    Its multiply-adds are LoRA's plus frozen_path_flops, nothing more (tests/milora/test_step_cost.py).
+    dA = s B^T g x_lora^T, dB = s g (A x_lora)^T, and x's gradient W^T g + s (B A - B0 A0)^T g in one of two ways:
+    - W_res None (offset_backward 'factors'): W^T g comes back through result (the base layer's own backward), the
+      rest as s (B A - B0 A0)^T g through both paths (split by path with dropout). Its multiply-adds are LoRA's
+      plus frozen_path_flops, nothing more (tests/milora/test_step_cost.py).
+    - W_res = W - s B0 A0 (offset_backward 'residual_copy'): W_res^T g + s A^T B^T g, the paper's own backward, so
+      the frozen path costs nothing backward. result gets no gradient (the caller passes it detached: W_res^T g
+      already carries the base layer's W^T g), and LoRA's multiply-adds plus the forward half of the frozen path's
+      are all it does.
     """
 
     @staticmethod
-    def forward(ctx, result, x, x_lora, A, B, A0, B0, scaling):
+    def forward(ctx, result, x, x_lora, A, B, A0, B0, W_res, scaling):
         device = x.device.type
         autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on "meta"
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
@@ -92,13 +101,13 @@ class _OffsetAdapter(torch.autograd.Function):
                 Wb = _scaled(torch.cat([B, B - B0], dim=1), scaling)  # (out, 2r)
                 h = x @ Wa.T  # [(A - A0) x, A0 x]
                 ax = h[:, :r] + h[:, r:]  # A x, for dB
-                ctx.save_for_backward(x, ax, Wa, Wb)
+                ctx.save_for_backward(x, ax, A, B, Wa, Wb, W_res)
             else:
                 x_lora = _as(x_lora, dtype).reshape(-1, x_lora.shape[-1])
                 Wb = _scaled(torch.cat([B, -B0], dim=1), scaling)
                 ax = x_lora @ A.T
                 h = torch.cat([ax, x @ A0.T], dim=1)
-                ctx.save_for_backward(x_lora, ax, A, A0, Wb)
+                ctx.save_for_backward(x_lora, ax, A, B, A0, Wb, W_res)
             out = Wb.shape[0]
             y = torch.addmm(_as(result.reshape(-1, out), dtype), h, Wb.T)  # the GEMM adds onto the base output
         ctx.fused, ctx.r, ctx.scaling = x_lora is None, r, scaling
@@ -107,38 +116,50 @@ class _OffsetAdapter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         r, s, shape = ctx.r, ctx.scaling, ctx.shape
-        grad_result = gy if ctx.needs_input_grad[0] else None  # the base output's gradient passes through unchanged
+        x, ax, A, B, W_x, Wb, W_res = ctx.saved_tensors  # W_x: [A - A0; A0] (fused) or A0 (dropout)
+        x_grad, x_lora_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # factors: the base output's gradient passes through unchanged (W^T g is the base layer's own backward);
+        # residual_copy: none, W_res^T g below includes W^T g
+        grad_result = gy if W_res is None and ctx.needs_input_grad[0] else None
+        grad_x = grad_x_lora = None
         with torch.autocast(gy.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
-            if ctx.fused:
-                x, ax, Wa, Wb = ctx.saved_tensors
-            else:
-                x, ax, A, A0, Wb = ctx.saved_tensors
             gy = _as(gy.reshape(-1, gy.shape[-1]), Wb.dtype)
-            # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]; the second half only feeds
-            # x's gradient, so when x needs none (the first layer's q/k/v on frozen embeddings) it is not computed
-            gh = gy @ (Wb if ctx.needs_input_grad[1] else Wb[:, :r])
+            if W_res is None:
+                # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]; the second half only
+                # feeds x's gradient, so when x needs none (the first layer's q/k/v on frozen embeddings) it is
+                # not computed
+                gh = gy @ (Wb if x_grad else Wb[:, :r])
+                if ctx.fused and x_grad:
+                    grad_x = gh @ W_x
+                elif not ctx.fused:
+                    grad_x = gh[:, r:] @ W_x if x_grad else None
+                    grad_x_lora = gh[:, :r] @ A if x_lora_grad else None
+            else:
+                # s g B, taken as (B^T g^T)^T: a GEMM with r output columns (g @ B) ran 2-3x slower at r 8 on
+                # the CPU's BLAS than this one with N, and no faster at r 64 (bench notes in BENCHMARKS.md)
+                gh = _scaled((B.T @ gy.T).T, s)
+                if x_grad:  # (out-of-place addmm: FlopCounterMode does not count addmm_, test_step_cost counts this)
+                    grad_x = gy @ _as(W_res, gy.dtype)
+                    if ctx.fused:
+                        grad_x = torch.addmm(grad_x, gh, A)
+                if not ctx.fused and x_lora_grad:
+                    grad_x_lora = gh @ A
             grad_A = gh[:, :r].T @ x
             grad_B = _scaled(gy.T @ ax, s)
-            grad_x = grad_x_lora = None
-            if ctx.fused:
-                if ctx.needs_input_grad[1]:
-                    grad_x = (gh @ Wa).reshape(shape)
-            else:
-                if ctx.needs_input_grad[1]:
-                    grad_x = (gh[:, r:] @ A0).reshape(shape)
-                if ctx.needs_input_grad[2]:
-                    grad_x_lora = (gh[:, :r] @ A).reshape(shape)
-        grads = (grad_result, grad_x, grad_x_lora, grad_A, grad_B)
-        return (*(None if g is None else _as(g, d) for g, d in zip(grads, ctx.dtypes)), None, None, None)
+        grads = (grad_result, *(None if g is None else g.reshape(shape) for g in (grad_x, grad_x_lora)), grad_A, grad_B)
+        return (*(None if g is None else _as(g, d) for g, d in zip(grads, ctx.dtypes)), None, None, None, None)
 
 
-def frozen_path_flops(tokens: int, in_features: int, out_features: int, r: int, input_grad: bool) -> int:
+def frozen_path_flops(
+    tokens: int, in_features: int, out_features: int, r: int, input_grad: bool, residual_copy: bool = False
+) -> int:
     """FLOPs (2 x multiply-adds) the offset form must spend beyond LoRA's on one adapted matrix per step.
 
     s B0 A0 x costs 2 N r (in + out) forward, and x's gradient through it the same again backward; when x needs
-    no gradient only the forward remains. LoRA's own work (6 N r (in + out) with x's gradient) is not included.
+    no gradient, or x's gradient is taken through the W_res copy (residual_copy), only the forward remains.
+    LoRA's own work (6 N r (in + out) with x's gradient) is not included.
     """
-    return 2 * tokens * r * (in_features + out_features) * (2 if input_grad else 1)
+    return 2 * tokens * r * (in_features + out_features) * (2 if input_grad and not residual_copy else 1)
 
 
 # At the tiny recipe's sizes a step is dominated by per-op overhead: skip the no-op casts and the scaling by 1
@@ -223,7 +244,20 @@ class MiLoRAOffsetVariant(_MiLoRAVariant):
             # ZeRO-3 gathers lora_A / lora_B only when their own forward runs: call the modules.
             return unfused_offset(module, active_adapter, x, result)
         x_lora = dropout(x) if _dropout_active(dropout) else None
-        return _OffsetAdapter.apply(result, x, x_lora, lora_A.weight, lora_B.weight, A0, B0, scaling)
+        W_res = getattr(module, FROZEN_ATTR)[active_adapter].W_res
+        if W_res is not None and _result_is_base_output(module):
+            result = result.detach()  # x's gradient goes through W_res instead of the base layer's W
+        else:
+            W_res = None
+        return _OffsetAdapter.apply(result, x, x_lora, lora_A.weight, lora_B.weight, A0, B0, W_res, scaling)
+
+
+def _result_is_base_output(module: nn.Module) -> bool:
+    """True when the `result` PEFT hands the variant is the frozen base layer's output and nothing else (one active
+    adapter, no trainable base parameter), so that cutting its graph for the W_res backward loses no gradient.
+    Otherwise the layer takes x's gradient through the factors, the same gradient without the copy."""
+    base = module.get_base_layer()
+    return len(module.active_adapters) == 1 and not any(p.requires_grad for p in base.parameters())
 
 
 def unfused_offset(module: nn.Module, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -269,7 +303,9 @@ def _as_milora_layer(layer: nn.Module) -> None:
         raise TypeError(f"MiLoRA adapts PEFT LoRA Linear layers; got {type(layer).__name__}")
 
 
-def _install_factors(layer: nn.Module, adapter: str, A0: torch.Tensor | None, B0: torch.Tensor | None) -> None:
+def _install_factors(
+    layer: nn.Module, adapter: str, A0: torch.Tensor | None, B0: torch.Tensor | None, W_res: torch.Tensor | None = None
+) -> None:
     """Register frozen A0 / B0 buffers on a PEFT LoRA layer, in the adapter weights' own dtype and device.
 
     Without A0 / B0 the layer's current lora_A / lora_B values are frozen (what apply_milora does right after
@@ -280,7 +316,7 @@ def _install_factors(layer: nn.Module, adapter: str, A0: torch.Tensor | None, B0
     B0 = (ref_B.detach() if B0 is None else B0).to(device=ref_B.device, dtype=ref_B.dtype).clone()
     if not hasattr(layer, FROZEN_ATTR):
         setattr(layer, FROZEN_ATTR, nn.ModuleDict())
-    getattr(layer, FROZEN_ATTR)[adapter] = _FrozenFactors(A0, B0)
+    getattr(layer, FROZEN_ATTR)[adapter] = _FrozenFactors(A0, B0, W_res)
     _as_milora_layer(layer)
 
 
@@ -293,8 +329,22 @@ def install_subtract(
 
 
 def install_offset(
-    layer: nn.Module, adapter: str, A0: torch.Tensor | None = None, B0: torch.Tensor | None = None
+    layer: nn.Module,
+    adapter: str,
+    A0: torch.Tensor | None = None,
+    B0: torch.Tensor | None = None,
+    W_res: torch.Tensor | None = None,
 ) -> None:
-    """Register frozen A0 / B0 on a PEFT LoRA layer (see _install_factors) and switch it to the offset variant."""
-    _install_factors(layer, adapter, A0, B0)
+    """Register frozen A0 / B0 on a PEFT LoRA layer (see _install_factors) and switch it to the offset variant.
+
+    W_res: W - s B0 A0 in the base weight's dtype, device and (out, in) layout for offset_backward 'residual_copy'
+    (apply.install_residual computes it), or None to take x's gradient through the factors.
+    """
+    if W_res is not None:
+        W = layer.get_base_layer().weight
+        if tuple(W_res.shape) != (layer.out_features, layer.in_features) or W_res.dtype != W.dtype:
+            raise ValueError(f"W_res must be {layer.out_features} x {layer.in_features} {W.dtype}, got "
+                             f"{tuple(W_res.shape)} {W_res.dtype}")
+        W_res = W_res.detach()
+    _install_factors(layer, adapter, A0, B0, W_res)
     layer.lora_variant[adapter] = MiLoRAOffsetVariant()

@@ -36,11 +36,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from milora_vlm import dist as ranks
 from milora_vlm import jsontext
 
-from .apply import ADAPTER, record_subtract, subtract_residual
+from .apply import ADAPTER, install_residual
 from .combine import enable_weighted_combination
 from .config import MiLoRAConfig
 from .distributed import Factors
-from .offset import frozen_factors, has_offset, install_offset, install_subtract
+from .offset import frozen_factors, has_offset
 from .targets import find_targets, is_partitioned
 
 INIT_FILE = "milora_init.safetensors"
@@ -254,15 +254,7 @@ def load_milora(
             A, B = t.layer.lora_A[ADAPTER].weight, t.layer.lora_B[ADAPTER].weight
             check_factor_shapes(Path(adapter_dir) / INIT_FILE, t.name, *factors[t.name],
                                 getattr(A, "ds_shape", A.shape), getattr(B, "ds_shape", B.shape))  # ZeRO-3: full shape
-        if config.residual == "offset":
-            for t in targets:
-                A0, B0 = factors[t.name]
-                install_offset(t.layer, ADAPTER, A0, B0)
-        else:
-            subtract_residual(targets, factors, config.scaling)
-            for t in targets:
-                install_subtract(t.layer, ADAPTER, *factors[t.name])
-            record_subtract(peft_model, factors)
+        install_residual(peft_model, targets, factors, config, trainable=is_trainable)
     enable_weighted_combination(peft_model)
     peft_model.milora_config = config
     return peft_model

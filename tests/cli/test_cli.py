@@ -128,7 +128,7 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
     row = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.05, inputs=inputs, rounds=4, warmup=1)
     for clock in ("wall", "cpu"):
         assert row[f"lora_median_{clock}_s"] > 0
-        for name in ("offset", "offset_unfused", "subtract", "lora_control"):
+        for name in ("offset", "offset_residual_copy", "offset_unfused", "subtract", "lora_control"):
             ratio = row[f"{name}_ratio_{clock}"]
             assert ratio["median"] > 0 and ratio["iqr"][0] <= ratio["iqr"][1]
             assert ratio["median_ci95"][0] <= ratio["median"] <= ratio["median_ci95"][1]
@@ -139,6 +139,8 @@ def test_step_ratio_bench_measures_every_variant_and_the_frozen_path_estimate():
     assert row["frozen_path_flops"] == 2 * 32 * 4 * (4 * 128 + 3 * 192) + 2 * 32 * 4 * (128 + 3 * 192)
     assert row["subtract_flop_ratio"] == row["lora_control_flop_ratio"] == 1
     assert row["offset_flop_ratio"] == row["offset_unfused_flop_ratio"] > 1
+    # residual_copy: the frozen path's forward half only
+    assert row["flops"]["offset_residual_copy"] - row["flops"]["lora"] == 2 * 32 * 4 * (4 * 128 + 3 * 192)
     only = bench.measure(base, bench.PROJECTIONS, r=4, dropout=0.0, inputs=inputs, rounds=3, warmup=1,
                          variants=("subtract",))
     assert {k for k in only if k.endswith("_ratio_cpu")} == {"subtract_ratio_cpu"}  # lora is the reference
@@ -163,6 +165,8 @@ def test_step_ratio_count_only_counts_on_the_meta_device():
     assert row["frozen_path_flops"] == timed["frozen_path_flops"] > 0
     assert row["flops"]["lora"] > timed["flops"]["lora"]
     assert row["offset_flop_ratio"] == round(row["flops"]["offset"] / row["flops"]["lora"], 5) > 1
+    # the residual copy leaves the forward half of the frozen path: 2 N r (in + out) on each of the seven matrices
+    assert row["flops"]["offset_residual_copy"] - row["flops"]["lora"] == 2 * 32 * 4 * (4 * 128 + 3 * 192)
 
 
 def test_median_ci_brackets_the_median_and_narrows_with_more_rounds():
@@ -196,7 +200,8 @@ def test_gpu_checks_script_runs_both_benchmarks_end_to_end(tmp_path):
         assert [r["lora_dropout"] for r in rows[1:]] == [0.05, 0.0]
         assert all(r["offset_ratio_wall"]["median"] > 0 and r["offset_flop_floor_wall"] > 1 for r in rows[1:])
     rows = [json.loads(line) for line in (out / "step_ratio_7b_layers_r128.jsonl").read_text().splitlines()]
-    assert [(r["lora_dropout"], r["r"], set(r["flops"])) for r in rows[1:]] == [(0.05, 8, {"lora", "offset"})]
+    assert [(r["lora_dropout"], r["r"], set(r["flops"])) for r in rows[1:]] == [
+        (0.05, 8, {"lora", "offset", "offset_residual_copy"})]
     rows = [json.loads(line) for line in (out / "packing.jsonl").read_text().splitlines()]
     assert [r.get("layout") for r in rows[:4]] == ["padded", "padded+grouped", "packed", "packed+mask"]
     assert rows[2]["useful_fraction"] == 1.0 and rows[0]["useful_fraction"] < 1.0

@@ -391,3 +391,22 @@ def test_deepspeed_json_duplicate_key(files):
     raw["deepspeed"] = str(files / "ds.json")
     msg = error_of(raw)
     assert "duplicate key" in msg and "zero_optimization" in msg, msg
+
+
+def test_residual_copy_needs_whole_weights(files):
+    """offset_backward 'residual_copy' under ZeRO-3 fails at start naming the fix; ZeRO-2, no DeepSpeed and the
+    default backward under ZeRO-3 are accepted; subtract with it is refused by the adapter's own check."""
+    raw = base_raw(files)
+    raw["adapter"]["offset_backward"] = "residual_copy"
+    build_recipe(raw)
+    raw["deepspeed"] = str(files / "zero3.json")
+    msg = error_of(raw)
+    assert "adapter.offset_backward" in msg and "ZeRO-3" in msg and "use 'factors'" in msg, msg
+    (files / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    raw["deepspeed"] = str(files / "zero2.json")
+    assert build_recipe(raw).adapter.offset_backward == "residual_copy"
+    raw["deepspeed"] = str(files / "zero3.json")
+    del raw["adapter"]["offset_backward"]
+    assert build_recipe(raw).adapter.offset_backward == "factors"
+    raw["adapter"].update(offset_backward="residual_copy", residual="subtract")
+    assert "remove offset_backward" in error_of(raw)

@@ -37,6 +37,8 @@ def model_dir(request, tiny_causal_lm_dir, tiny_llava_dir):
         ({"modules_to_save": "multi_modal_projector"}, "list of module names"),
         ({"seed": "0"}, "integer"),
         ({"method": "qr"}, "method"),
+        ({"offset_backward": "copy"}, "'factors' .*'residual_copy'"),
+        ({"residual": "subtract", "offset_backward": "residual_copy"}, "applies to residual 'offset'.*remove offset_backward"),
     ],
 )
 def test_config_rejects_bad_values(fields, match):

@@ -3,7 +3,8 @@
   the export; init="lora" directories stay plain LoRA and load exactly; the non-DeepSpeed resume path loads A, B;
 - get_delta_weight, merge / unmerge and add_weighted_adapter (linear, cat, svd) follow s (B A - B0 A0) in both
   residual forms;
-- the fused offset product (_OffsetAdapter) keeps step-0 bit-identity and the paper-form gradients.
+- the fused offset product (_OffsetAdapter) keeps step-0 bit-identity and the paper-form gradients, with x's
+  gradient through the factors or through the W_res copy (offset_backward).
 """
 
 from __future__ import annotations
@@ -153,13 +154,18 @@ def logits_of_default(model, inputs):
 # --- 17.1: the fused offset product ---------------------------------------------------------------------------
 
 
+BACKWARDS = ["factors", "residual_copy"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-def test_fused_offset_step0_bit_identical_in_eval_and_without_dropout(tiny_causal_lm_dir, dtype, dropout):
+@pytest.mark.parametrize("offset_backward", BACKWARDS)
+def test_fused_offset_step0_bit_identical_in_eval_and_without_dropout(tiny_causal_lm_dir, dtype, dropout, offset_backward):
     base = load_model("llama", tiny_causal_lm_dir, dtype)
     inputs = batch("llama", base)
     ref = logits(base, inputs)
-    model = apply_milora(base, milora_config("llama", lora_dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = apply_milora(base, milora_config("llama", lora_dropout=dropout, offset_backward=offset_backward,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
     assert torch.equal(logits(model.eval(), inputs), ref)
     if dropout == 0.0:  # train mode takes the fused path with autograd: still exact at step 0
         model.train()
@@ -171,11 +177,12 @@ def test_fused_offset_step0_bit_identical_in_eval_and_without_dropout(tiny_causa
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("alpha", [4, 8])  # scaling 1 (skips the multiplication) and 2
 @pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "frozen-input"])
-def test_fused_offset_gradients_are_the_paper_form(tiny_causal_lm_dir, dropout, alpha, input_grad):
+@pytest.mark.parametrize("offset_backward", BACKWARDS)
+def test_fused_offset_gradients_are_the_paper_form(tiny_causal_lm_dir, dropout, alpha, input_grad, offset_backward):
     """Loss, input gradient and adapter gradients equal those of the paper's W_res form (subtract) with the same
-    A, B away from A0, B0 and the same dropout masks. frozen-input: the embeddings need no gradient, so the first
-    layer's q/k/v take the backward that skips x's gradient."""
-    offset, inputs = trained("offset", tiny_causal_lm_dir, lora_alpha=alpha)
+    A, B away from A0, B0 and the same dropout masks, for either backward of x. frozen-input: the embeddings need
+    no gradient, so the first layer's q/k/v take the backward that skips x's gradient."""
+    offset, inputs = trained("offset", tiny_causal_lm_dir, lora_alpha=alpha, offset_backward=offset_backward)
     subtract = apply_milora(load_model("llama", tiny_causal_lm_dir),
                             milora_config("llama", residual="subtract", lora_alpha=alpha))
     with torch.no_grad():
@@ -204,10 +211,11 @@ def test_fused_offset_gradients_are_the_paper_form(tiny_causal_lm_dir, dropout, 
         torch.testing.assert_close(g_off[n], g_sub[n], rtol=1e-4, atol=1e-6)
 
 
-def test_fused_offset_under_autocast(tiny_causal_lm_dir):
+@pytest.mark.parametrize("offset_backward", BACKWARDS)
+def test_fused_offset_under_autocast(tiny_causal_lm_dir, offset_backward):
     """bf16 autocast over fp32 weights (the Trainer's bf16 without DeepSpeed): forward and backward run, the
     gradients keep the parameters' dtype and are close to the fp32 ones."""
-    model, inputs = trained("offset", tiny_causal_lm_dir)
+    model, inputs = trained("offset", tiny_causal_lm_dir, offset_backward=offset_backward)
     model.train()
     grads = []
     for enabled in (False, True):
@@ -226,3 +234,100 @@ def test_deepcopy_keeps_the_milora_classes(tiny_causal_lm_dir):
     clone = copy.deepcopy(model)
     assert isinstance(find_targets(clone)[0].layer, MiLoRALinear)
     assert torch.equal(logits(clone, inputs), logits(model, inputs))
+
+
+# --- 17.1: offset_backward 'residual_copy' --------------------------------------------------------------------
+
+
+def test_residual_copy_is_subtracts_w_res_and_stays_out_of_saved_files(tiny_causal_lm_dir, tmp_path):
+    """The copy equals, bit for bit, the W_res residual 'subtract' writes into the weight; W itself is untouched;
+    the copy is not saved (the adapter directory is the factors form's), and an inference load does not keep one."""
+    copy_model = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", offset_backward="residual_copy"))
+    factors_model = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama"))
+    subtract = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", residual="subtract"))
+    for t_copy, t_fac, t_sub in zip(*(find_targets(m) for m in (copy_model, factors_model, subtract))):
+        assert torch.equal(t_copy.layer.milora_frozen["default"].W_res, t_sub.weight)
+        assert torch.equal(t_copy.weight, t_fac.weight)
+        assert t_fac.layer.milora_frozen["default"].W_res is None
+    assert not any("W_res" in k for k in copy_model.state_dict())
+    save_milora(copy_model, tmp_path / "adapter")
+    inference = load_milora(load_model("llama", tiny_causal_lm_dir), tmp_path / "adapter")
+    assert all(t.layer.milora_frozen["default"].W_res is None for t in find_targets(inference))
+    resumed = load_milora(load_model("llama", tiny_causal_lm_dir), tmp_path / "adapter", is_trainable=True)
+    for t_res, t_sub in zip(find_targets(resumed), find_targets(subtract)):
+        assert torch.equal(t_res.layer.milora_frozen["default"].W_res, t_sub.weight)
+
+
+def test_residual_copy_input_gradient_in_bf16_is_as_accurate_as_the_factors(tiny_causal_lm_dir):
+    """In bf16 the copy holds W_res rounded to bf16 (the paper's own backward). Against the exact derivative of the
+    same bf16 model's function (its W, A0, B0, A, B in fp64), x's gradient is as close as the factors backward's:
+    both are bf16 arithmetic noise (0.55% and 0.59% relative here), not the minor component lost to rounding."""
+    def build(dtype, offset_backward):
+        base = load_model("llama", tiny_causal_lm_dir, torch.bfloat16).to(dtype)  # fp64: the bf16 W, widened
+        return apply_milora(base, milora_config("llama", lora_dropout=0.0, offset_backward=offset_backward))
+
+    trained_model = build(torch.bfloat16, "factors")
+    inputs = batch("llama", trained_model)
+    train_step("llama", trained_model, inputs, lr=5e-2)
+
+    def input_grad(model):
+        with torch.no_grad():  # the trained model's factors and adapter weights, in this model's dtype
+            for src, dst in zip(find_targets(trained_model), find_targets(model)):
+                for part in ("lora_A", "lora_B"):
+                    getattr(dst.layer, part)["default"].weight.copy_(getattr(src.layer, part)["default"].weight)
+                for have, want in zip(frozen_factors(dst.layer, "default"), frozen_factors(src.layer, "default")):
+                    have.copy_(want)
+        model.train()
+        emb = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
+        model(inputs_embeds=emb, labels=inputs["input_ids"]).loss.backward()
+        return emb.grad.double()
+
+    exact = input_grad(build(torch.float64, "factors"))
+    error = {b: float((input_grad(build(torch.bfloat16, b)) - exact).norm() / exact.norm()) for b in BACKWARDS}
+    assert 0 < error["residual_copy"] <= 1.5 * error["factors"] and error["factors"] < 0.02, error
+
+
+def test_residual_copy_on_gpt2_conv1d_layout():
+    """GPT-2's Conv1D stores W as in x out (fan_in_fan_out): the copy is kept as out x in, and the input gradient
+    still equals the factors backward's."""
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # train mode without dropout: same function
+    base = GPT2LMHeadModel(cfg).eval()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 10))}
+    grads = []
+    for offset_backward in BACKWARDS:
+        model = apply_milora(copy.deepcopy(base), MiLoRAConfig(r=4, lora_alpha=4, target_modules=["c_attn", "c_fc"],
+                                                               lora_dropout=0.0, offset_backward=offset_backward)).train()
+        emb = model.get_input_embeddings()(inputs["input_ids"]).detach().requires_grad_(True)
+        model(inputs_embeds=emb, labels=inputs["input_ids"]).loss.backward()
+        grads.append(emb.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_residual_copy_falls_back_when_the_base_layer_trains(tiny_causal_lm_dir):
+    """A base weight someone unfroze must get its gradient: the layer then takes x's gradient through the factors
+    (the detached-result backward would drop W's gradient), and every gradient equals the factors form's."""
+    grads = []
+    for offset_backward in BACKWARDS:
+        model = apply_milora(load_model("llama", tiny_causal_lm_dir),
+                             milora_config("llama", lora_dropout=0.0, offset_backward=offset_backward)).train()
+        target = find_targets(model)[0]
+        target.weight.requires_grad_(True)
+        inputs = batch("llama", model)
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert any(n.endswith("base_layer.weight") for n in grads[1])
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_residual_copy_refused_on_zero3_partitioned_weights(tiny_causal_lm_dir, monkeypatch):
+    """Under ZeRO-3 each rank holds a shard of W: no whole copy to keep, so the setting is refused before any
+    decomposition, naming the fix."""
+    import milora_vlm.milora.apply as apply_module
+
+    monkeypatch.setattr(apply_module, "is_partitioned", lambda p: p.dim() == 2 and not p.requires_grad)
+    with pytest.raises(ValueError, match="ZeRO-3 partitioned: use offset_backward 'factors'"):
+        apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", offset_backward="residual_copy"))

@@ -73,7 +73,7 @@ def gemm_flops(model, inputs) -> int:
     return counter.get_total_flops()
 
 
-def frozen_floor(model, inputs) -> tuple[int, int]:
+def frozen_floor(model, inputs, residual_copy: bool = False) -> tuple[int, int]:
     """Sum of frozen_path_flops over the adapted matrices, each with its input's token count and whether the input
     needs a gradient (seen by a hook during one step), and how many inputs needed none."""
     seen = {}
@@ -90,8 +90,8 @@ def frozen_floor(model, inputs) -> tuple[int, int]:
         for h in hooks:
             h.remove()
     model.zero_grad(set_to_none=True)
-    total = sum(frozen_path_flops(x.numel() // x.shape[-1], t.shape[1], t.shape[0], t.layer.r["default"], x.requires_grad)
-                for t, x in seen.values())
+    total = sum(frozen_path_flops(x.numel() // x.shape[-1], t.shape[1], t.shape[0], t.layer.r["default"], x.requires_grad,
+                                  residual_copy) for t, x in seen.values())
     return total, sum(not x.requires_grad for _, x in seen.values())
 
 
@@ -103,19 +103,23 @@ class _Unfused(MiLoRAOffsetVariant):
 
 @pytest.mark.parametrize("model_dir", KINDS, indirect=True, ids=KINDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
-@pytest.mark.parametrize("path", ["fused", "unfused"])  # unfused: the ZeRO-3 path (partitioned lora_A / lora_B)
+@pytest.mark.parametrize("path", ["fused", "unfused", "residual_copy"])  # unfused: the ZeRO-3 path
 def test_offset_step_adds_only_the_frozen_paths_flops(request, model_dir, dropout, path):
     """Offset-form FLOPs == LoRA's + the frozen path's (s B0 A0 x forward, x's gradient through it backward where
-    x needs one): the offset product spends nothing beyond what the form itself requires."""
+    x needs one; with offset_backward 'residual_copy' the forward alone): the offset product spends nothing beyond
+    what the form itself requires."""
     kind = request.node.callspec.params["model_dir"]
     lora = adapted(kind, model_dir, dropout, init="lora")
-    offset = adapted(kind, model_dir, dropout, init="minor", residual="offset")
+    backward = "residual_copy" if path == "residual_copy" else "factors"
+    offset = adapted(kind, model_dir, dropout, init="minor", residual="offset", offset_backward=backward)
     if path == "unfused":
         for t in find_targets(offset):
             t.layer.lora_variant["default"] = _Unfused()
     inputs = batch(kind, lora)
-    floor, no_grad_inputs = frozen_floor(offset, inputs)
+    floor, no_grad_inputs = frozen_floor(offset, inputs, residual_copy=path == "residual_copy")
     # the tiny Llama's first layer reads frozen embeddings: its q/k/v inputs need no gradient, and that case counts
     assert no_grad_inputs == (3 if kind == "llama" else 0)
     assert floor > 0
     assert gemm_flops(offset, inputs) - gemm_flops(lora, inputs) == floor
+
+

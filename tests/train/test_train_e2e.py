@@ -167,6 +167,22 @@ def test_zero2_trains_saves_complete_checkpoints_and_counts_skips(zero2_run, wor
     assert {"train/loss", "train/skipped/missing_image", "train/skipped/total"} <= tags
 
 
+def test_zero2_residual_copy_backward_trains_the_same_curve(zero2_run, work):
+    """adapter.offset_backward residual_copy (x's gradient through a kept W_res copy) under ZeRO-2 on 2 ranks: the
+    same run as zero2_run gives the same losses (the same function and gradients, up to fp32 rounding), and its
+    adapter, saved without the copy, reloads onto the untouched base to the trained logits."""
+    proc = train(["--config", "configs/tiny/llava_milora_zero2.yaml", *common(work, "z2_copy"), "--data.train_file",
+                  str(work / "z2.jsonl"), "--max_steps", "6", "--save_steps", "6", "--data.group_by_modality_length",
+                  "true", "--adapter.offset_backward", "residual_copy"], reference=4)
+    assert "W_res copies of the" in proc.stdout + proc.stderr  # the run did take the copy's backward
+    first, copy = losses(zero2_run), losses(work / "z2_copy")
+    assert sorted(copy) == sorted(first)
+    for step in first:
+        assert copy[step] == pytest.approx(first[step], rel=1e-4, abs=1e-5), (step, first, copy)
+    assert load_recipe(work / "z2_copy" / "milora_recipe.yaml").adapter.offset_backward == "residual_copy"
+    assert_reloads_to_reference(work / "z2_copy", work / "llava")
+
+
 def test_zero2_resume_auto_continues_the_same_loss_curve(zero2_run, work):
     out = work / "z2_resumed"
     shutil.copytree(zero2_run / "checkpoint-3", out / "checkpoint-3")
