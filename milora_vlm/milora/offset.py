@@ -101,30 +101,33 @@ class _OffsetAdapter(torch.autograd.Function):
                 Wb = _scaled(torch.cat([B, B - B0], dim=1), scaling)  # (out, 2r)
                 h = x @ Wa.T  # [(A - A0) x, A0 x]
                 ax = h[:, :r] + h[:, r:]  # A x, for dB
-                ctx.save_for_backward(x, ax, A, B, Wa, Wb, W_res)
+                x_in, factors = x, (Wa, Wb)
             else:
                 x_lora = _as(x_lora, dtype).reshape(-1, x_lora.shape[-1])
                 Wb = _scaled(torch.cat([B, -B0], dim=1), scaling)
                 ax = x_lora @ A.T
                 h = torch.cat([ax, x @ A0.T], dim=1)
-                ctx.save_for_backward(x_lora, ax, A, B, A0, Wb, W_res)
+                x_in, factors = x_lora, (A0, Wb, A)
+            # each backward keeps only what it reads: the copy's needs neither Wa, Wb nor A0
+            ctx.save_for_backward(x_in, ax, *(factors if W_res is None else (A, B, W_res)))
             out = Wb.shape[0]
             y = torch.addmm(_as(result.reshape(-1, out), dtype), h, Wb.T)  # the GEMM adds onto the base output
-        ctx.fused, ctx.r, ctx.scaling = x_lora is None, r, scaling
+        ctx.fused, ctx.residual_copy, ctx.r, ctx.scaling = x_lora is None, W_res is not None, r, scaling
         return y.reshape(*ctx.shape[:-1], out)
 
     @staticmethod
     def backward(ctx, gy):
         r, s, shape = ctx.r, ctx.scaling, ctx.shape
-        x, ax, A, B, W_x, Wb, W_res = ctx.saved_tensors  # W_x: [A - A0; A0] (fused) or A0 (dropout)
+        x, ax, *factors = ctx.saved_tensors
         x_grad, x_lora_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         # factors: the base output's gradient passes through unchanged (W^T g is the base layer's own backward);
         # residual_copy: none, W_res^T g below includes W^T g
-        grad_result = gy if W_res is None and ctx.needs_input_grad[0] else None
+        grad_result = gy if not ctx.residual_copy and ctx.needs_input_grad[0] else None
         grad_x = grad_x_lora = None
         with torch.autocast(gy.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
-            gy = _as(gy.reshape(-1, gy.shape[-1]), Wb.dtype)
-            if W_res is None:
+            gy = _as(gy.reshape(-1, gy.shape[-1]), ax.dtype)
+            if not ctx.residual_copy:
+                W_x, Wb, *A = factors  # W_x: [A - A0; A0] (fused) or A0 (dropout, which also keeps A)
                 # (N, 2r): s g B and s g (B - B0) [fused] or s g B and -s g B0 [dropout]; the second half only
                 # feeds x's gradient, so when x needs none (the first layer's q/k/v on frozen embeddings) it is
                 # not computed
@@ -133,8 +136,9 @@ class _OffsetAdapter(torch.autograd.Function):
                     grad_x = gh @ W_x
                 elif not ctx.fused:
                     grad_x = gh[:, r:] @ W_x if x_grad else None
-                    grad_x_lora = gh[:, :r] @ A if x_lora_grad else None
+                    grad_x_lora = gh[:, :r] @ A[0] if x_lora_grad else None
             else:
+                A, B, W_res = factors
                 # s g B, taken as (B^T g^T)^T: a GEMM with r output columns (g @ B) ran 2-3x slower at r 8 on
                 # the CPU's BLAS than this one with N, and no faster at r 64 (bench notes in BENCHMARKS.md)
                 gh = _scaled((B.T @ gy.T).T, s)

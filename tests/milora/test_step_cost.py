@@ -123,3 +123,31 @@ def test_offset_step_adds_only_the_frozen_paths_flops(request, model_dir, dropou
     assert gemm_flops(offset, inputs) - gemm_flops(lora, inputs) == floor
 
 
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["fused", "dropout"])
+@pytest.mark.parametrize("residual_copy", [False, True], ids=["factors", "residual_copy"])
+def test_offset_product_keeps_only_what_its_backward_reads(dropout, residual_copy):
+    """The tensors _OffsetAdapter holds from forward to backward, by shape, under bf16 autocast (where every saved
+    factor is a cast copy, not the parameter itself): the factors backward keeps neither A nor B beside the
+    stacked factors, the copy's backward none of the stacked factors or A0."""
+    from milora_vlm.milora.offset import _OffsetAdapter
+
+    n, d_in, d_out, r = 6, 12, 10, 3
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_in, generator=g, requires_grad=True)
+    A, A0 = (torch.randn(r, d_in, generator=g, requires_grad=grad) for grad in (True, False))
+    B, B0 = (torch.randn(d_out, r, generator=g, requires_grad=grad) for grad in (True, False))
+    W_res = torch.randn(d_out, d_in, generator=g) if residual_copy else None
+    x_lora = torch.nn.functional.dropout(x, 0.1) if dropout else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _OffsetAdapter.apply(torch.zeros(n, d_out), x, x_lora, A, B, A0, B0, W_res, 2.0)
+    if residual_copy:
+        expected = [(n, d_in), (n, r), (r, d_in), (d_out, r), (d_out, d_in)]  # x_in, A x_in, A, B, W_res
+    elif dropout:
+        expected = [(n, d_in), (n, r), (r, d_in), (d_out, 2 * r), (r, d_in)]  # x_lora, A x_lora, A0, [B, -B0], A
+    else:
+        expected = [(n, d_in), (n, r), (2 * r, d_in), (d_out, 2 * r)]  # x, A x, [A - A0; A0], [B, B - B0]
+    assert saved == expected
