@@ -323,6 +323,21 @@ def test_residual_copy_falls_back_when_the_base_layer_trains(tiny_causal_lm_dir)
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
 
 
+def test_install_offset_refuses_a_copy_of_the_wrong_shape_or_dtype(tiny_causal_lm_dir):
+    """A W_res that is not this layer's out x in, in its weight's dtype, is refused by name (a transposed Conv1D
+    copy or an fp32 copy of a bf16 weight would otherwise fail or silently change dtype in the backward)."""
+    from milora_vlm.milora.offset import install_offset
+
+    model = apply_milora(load_model("llama", tiny_causal_lm_dir), milora_config("llama", target_modules=["up_proj"]))
+    layer = find_targets(model)[0].layer
+    W = layer.get_base_layer().weight.detach()
+    with pytest.raises(ValueError, match=r"W_res must be 128 x 64 torch.float32, got \(64, 128\)"):
+        install_offset(layer, "default", W_res=W.T.contiguous())
+    with pytest.raises(ValueError, match=r"got \(128, 64\) torch.float64"):
+        install_offset(layer, "default", W_res=W.double())
+    install_offset(layer, "default", W_res=W)
+
+
 def test_residual_copy_refused_on_zero3_partitioned_weights(tiny_causal_lm_dir, monkeypatch):
     """Under ZeRO-3 each rank holds a shard of W: no whole copy to keep, so the setting is refused before any
     decomposition, naming the fix."""
